@@ -1,0 +1,423 @@
+"""The spec language: what a user writes in a qlc TOML file, as strict pydantic models.
+
+Every model forbids unknown keys, is frozen, and describes each field; the descriptions feed
+`qlc schema`, `qlc explain` and the generated spec reference. Rules that involve several
+fields live in validators whose messages say how to fix the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+DATA_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+URI_SCHEMES = ("s3://", "gs://", "az://")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RuleError(ValueError):
+    """A broken cross-field rule, naming the key (relative to the model) it belongs to."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _module_names(value: object) -> object:
+    if value == "all-linear":
+        return value
+    if isinstance(value, str):
+        raise RuleError("", f'must be "all-linear" or a list of module names (got {value!r})')
+    if not isinstance(value, list):
+        raise RuleError("", "must be \"all-linear\" or a list of module names")
+    if not value:
+        raise RuleError("", 'list at least one module, or use "all-linear"')
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", item):
+            raise RuleError("", f"{item!r} is not a module name (letters, digits, '_', '.')")
+    if len(set(value)) != len(value):
+        raise RuleError("", "lists a module twice")
+    return value
+
+
+def _relative_path(value: str, what: str) -> str:
+    """A path relative to the spec file that stays inside its project."""
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain a NUL byte")
+    if value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value):
+        raise ValueError(f"{what} must be relative to the spec file (got absolute {value!r})")
+    if ".." in re.split(r"[\\/]", value):
+        raise ValueError(f"{what} must not leave the project with '..' (got {value!r})")
+    return value
+
+
+def _input_path(value: str) -> str:
+    if "\x00" in value or not value.strip():
+        raise ValueError("must be a non-empty path without NUL bytes")
+    return value
+
+
+class Job(Section):
+    name: Annotated[
+        str,
+        Field(
+            pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+            description="Job name: lowercase letters, digits, '.', '_' or '-'; names the image.",
+        ),
+    ]
+    seed: Annotated[int, Field(ge=0, lt=2**32, description="Seed for every random generator.")] = 42
+    output_dir: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=4096,
+            description="Where runs are written: a path relative to the spec file, or an "
+            "object-store URI (s3://, gs://, az://) for batch services.",
+        ),
+    ] = "runs"
+    deterministic: Annotated[
+        bool,
+        Field(description="Deterministic algorithms: two runs on the same hardware give "
+              "bit-identical adapters (slower)."),
+    ] = False
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if value.startswith(URI_SCHEMES):
+            return value
+        return _relative_path(value, "output_dir")
+
+
+class Model(Section):
+    id: Annotated[
+        str | None,
+        Field(pattern=HUB_ID, description="Hugging Face hub id, e.g. 'org/name'."),
+    ] = None
+    path: Annotated[
+        str | None,
+        Field(max_length=4096, description="Local model directory (relative to the spec file "
+              "or absolute); mounted read-only."),
+    ] = None
+    revision: Annotated[
+        str | None,
+        Field(pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+              description="Hub revision to pin (commit sha, tag or branch); only with 'id'."),
+    ] = None
+    tokenizer: Annotated[
+        str | None,
+        Field(max_length=4096, description="Tokenizer hub id or local path, if not the model's."),
+    ] = None
+    trust_remote_code: Annotated[
+        bool, Field(description="Run Python code shipped with the model (off: never).")
+    ] = False
+    architecture: Annotated[
+        Literal["llama", "mistral", "qwen2"],
+        Field(description="Architecture family: the smoke mode builds a tiny model of it."),
+    ] = "llama"
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _paths(cls, value: str | None) -> str | None:
+        return None if value is None else _input_path(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Model:
+        if (self.id is None) == (self.path is None):
+            raise RuleError("id", "set exactly one of 'id' (hub) or 'path' (local directory)")
+        if self.revision is not None and self.id is None:
+            raise RuleError("revision", "'revision' pins a hub model: use it with 'id', not 'path'")
+        return self
+
+
+class Data(Section):
+    id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
+    path: Annotated[
+        str | None,
+        Field(max_length=4096, description="Local data file (.jsonl, .json, .parquet, .csv), "
+              "relative to the spec file or absolute; mounted read-only."),
+    ] = None
+    revision: Annotated[
+        str | None,
+        Field(pattern=r"^[A-Za-z0-9._/-]{1,128}$", description="Hub dataset revision to pin."),
+    ] = None
+    split: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Split to train on.")
+    ] = "train"
+    eval_split: Annotated[
+        str | None,
+        Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Split to evaluate on."),
+    ] = None
+    eval_fraction: Annotated[
+        float,
+        Field(ge=0.0, lt=0.5, description="Fraction of the training split held out for "
+              "evaluation (seeded) when there is no eval split."),
+    ] = 0.0
+    format: Annotated[
+        Literal["text", "instruction", "chat"],
+        Field(description="'text': a field already rendered; 'instruction': prompt/response "
+              "fields through a named template; 'chat': a messages list through the "
+              "tokenizer's chat template."),
+    ]
+    text_field: Annotated[
+        str, Field(min_length=1, max_length=128, description="Field holding the text ('text').")
+    ] = "text"
+    prompt_field: Annotated[
+        str, Field(min_length=1, max_length=128, description="Instruction field ('instruction').")
+    ] = "instruction"
+    input_field: Annotated[
+        str | None,
+        Field(min_length=1, max_length=128, description="Optional extra input field "
+              "('instruction'); empty values are left out of the prompt."),
+    ] = None
+    response_field: Annotated[
+        str, Field(min_length=1, max_length=128, description="Response field ('instruction').")
+    ] = "output"
+    template: Annotated[
+        Literal["alpaca", "llama2", "chatml"],
+        Field(description="Named prompt template for the 'instruction' format."),
+    ] = "alpaca"
+    messages_field: Annotated[
+        str, Field(min_length=1, max_length=128, description="Messages list field ('chat').")
+    ] = "messages"
+    loss: Annotated[
+        Literal["all", "completion"],
+        Field(description="'all': loss on every token; 'completion': prompt tokens masked."),
+    ] = "all"
+    max_length: Annotated[
+        int, Field(gt=0, le=1_048_576, description="Longest example in tokens; longer ones "
+                   "are truncated.")
+    ] = 1024
+    packing: Annotated[
+        bool, Field(description="Pack several examples into one sequence (kept separate).")
+    ] = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _input_path(value)
+        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value else ""
+        if suffix not in DATA_SUFFIXES:
+            raise ValueError(
+                f"unsupported data file {value!r}: use one of {', '.join(DATA_SUFFIXES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> Data:
+        if (self.id is None) == (self.path is None):
+            raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
+        if self.revision is not None and self.id is None:
+            raise RuleError("revision", "'revision' pins a hub dataset: use it with 'id', not 'path'")
+        if self.eval_split is not None and self.eval_fraction > 0:
+            raise RuleError("eval_fraction", "set 'eval_split' or 'eval_fraction', not both")
+        if self.loss == "completion" and self.format == "text":
+            raise RuleError(
+                "loss",
+                "loss = \"completion\" needs a prompt/response boundary: use format "
+                "\"instruction\" or \"chat\", or loss = \"all\" for format \"text\""
+            )
+        return self
+
+    @property
+    def file_format(self) -> str | None:
+        if self.path is None:
+            return None
+        return DATA_SUFFIXES["." + self.path.rsplit(".", 1)[-1].lower()]
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_split is not None or self.eval_fraction > 0
+
+
+class Quantization(Section):
+    load_in_4bit: Annotated[bool, Field(description="Load base weights in 4 bits.")] = True
+    quant_type: Annotated[
+        Literal["nf4", "fp4"], Field(description="4-bit data type.")
+    ] = "nf4"
+    compute_dtype: Annotated[
+        Literal["float16", "bfloat16", "float32"],
+        Field(description="dtype of the matmuls on dequantized weights."),
+    ] = "float16"
+    double_quant: Annotated[
+        bool, Field(description="Quantize the quantization constants too.")
+    ] = False
+    storage_dtype: Annotated[
+        Literal["uint8", "float16", "bfloat16", "float32"],
+        Field(description="dtype that packs the 4-bit weights (set to the compute dtype for "
+              "FSDP)."),
+    ] = "uint8"
+
+
+class Lora(Section):
+    r: Annotated[int, Field(gt=0, le=4096, description="LoRA rank.")] = 64
+    alpha: Annotated[float, Field(gt=0, le=65536, description="LoRA alpha (scale = alpha/r).")] = 16
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout on the LoRA input.")] = 0.1
+    bias: Annotated[
+        Literal["none", "all", "lora_only"], Field(description="Which biases train.")
+    ] = "none"
+    target_modules: Annotated[
+        str | list[str],
+        BeforeValidator(_module_names),
+        WithJsonSchema({"anyOf": [{"const": "all-linear"}, {"type": "array", "minItems": 1,
+                        "items": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,128}$"}}]}),
+        Field(description="Module names to adapt, or \"all-linear\"."),
+    ] = ["q_proj", "v_proj"]  # noqa: RUF012 - frozen model, the list is copied per instance
+    modules_to_save: Annotated[
+        list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]],
+        Field(description="Modules trained in full and saved with the adapter."),
+    ] = []  # noqa: RUF012
+
+
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
+    "adafactor", "sgd",
+]
+
+
+class Train(Section):
+    epochs: Annotated[
+        float | None, Field(gt=0, le=10_000, description="Passes over the data (default 1).")
+    ] = None
+    max_steps: Annotated[
+        int | None, Field(gt=0, description="Optimizer steps; replaces 'epochs'.")
+    ] = None
+    batch_size: Annotated[int, Field(gt=0, le=65536, description="Examples per device per step.")] = 4
+    grad_accum: Annotated[
+        int, Field(gt=0, le=65536, description="Micro-batches accumulated per optimizer step.")
+    ] = 1
+    learning_rate: Annotated[float, Field(gt=0, lt=1, description="Peak learning rate.")] = 2e-4
+    lr_scheduler: Annotated[Scheduler, Field(description="Learning-rate schedule.")] = "cosine"
+    warmup_ratio: Annotated[
+        float | None, Field(ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    ] = None
+    warmup_steps: Annotated[int | None, Field(ge=0, description="Warmup in steps.")] = None
+    weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
+    optimizer: Annotated[Optimizer, Field(description="Optimizer.")] = "paged_adamw_32bit"
+    max_grad_norm: Annotated[
+        float, Field(ge=0, description="Gradient clipping norm (0: off).")
+    ] = 1.0
+    group_by_length: Annotated[
+        bool, Field(description="Batch examples of similar length together.")
+    ] = False
+    gradient_checkpointing: Annotated[
+        bool, Field(description="Recompute activations in the backward pass to save memory.")
+    ] = True
+    mixed_precision: Annotated[
+        Literal["no", "fp16", "bf16"],
+        Field(description="Autocast of the trainable path ('no': as the seed recipe)."),
+    ] = "no"
+    engine: Annotated[
+        Literal["reference", "fast"],
+        Field(description="'reference': plain transformers/trl; 'fast': padding-free batches "
+              "and fused kernels, same mathematics."),
+    ] = "reference"
+    memory: Annotated[
+        Literal["standard", "lean"],
+        Field(description="'lean': trade speed for peak memory (8-bit optimizer states, "
+              "checkpointing, chunked loss)."),
+    ] = "standard"
+    logging_steps: Annotated[int, Field(gt=0, description="Log every N optimizer steps.")] = 25
+    eval_steps: Annotated[
+        int | None, Field(gt=0, description="Evaluate every N steps (needs eval data).")
+    ] = None
+    save_steps: Annotated[
+        int | None, Field(gt=0, description="Checkpoint every N steps for resume.")
+    ] = None
+    save_total_limit: Annotated[
+        int, Field(gt=0, le=1000, description="Checkpoints kept on disk.")
+    ] = 2
+
+    @model_validator(mode="after")
+    def _rules(self) -> Train:
+        if self.epochs is not None and self.max_steps is not None:
+            raise RuleError("max_steps", "set 'epochs' or 'max_steps', not both")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise RuleError("warmup_steps", "set 'warmup_ratio' or 'warmup_steps', not both")
+        return self
+
+    @property
+    def effective_epochs(self) -> float:
+        return self.epochs if self.epochs is not None else 1.0
+
+
+class Runtime(Section):
+    gpus: Annotated[int, Field(ge=0, le=64, description="GPUs per node (0: CPU only).")] = 1
+    cuda: Annotated[
+        str | None, Field(pattern=r"^\d+\.\d+$", description="CUDA major.minor to target.")
+    ] = None
+    torch: Annotated[
+        str | None, Field(pattern=r"^\d+\.\d+(\.\d+)?$", description="torch version to target.")
+    ] = None
+    python: Annotated[
+        str | None, Field(pattern=r"^3\.\d+$", description="Python major.minor in the image.")
+    ] = None
+    gpu_archs: Annotated[
+        list[Annotated[str, Field(pattern=r"^\d+\.\d+$")]] | None,
+        Field(description="Compute capabilities to support, e.g. [\"8.0\", \"9.0\"]."),
+    ] = None
+    shm_size: Annotated[
+        str, Field(pattern=r"^\d+[kmgKMG]?$", description="Shared memory for the container.")
+    ] = "16g"
+    env: Annotated[
+        dict[Annotated[str, Field(pattern=ENV_NAME)], Annotated[str, Field(max_length=4096)]],
+        Field(description="Plain environment variables (never secrets)."),
+    ] = {}  # noqa: RUF012
+    secrets: Annotated[
+        list[Annotated[str, Field(pattern=ENV_NAME)]],
+        Field(description="Names of environment variables passed through at run time only."),
+    ] = []  # noqa: RUF012
+
+    @model_validator(mode="after")
+    def _rules(self) -> Runtime:
+        clash = sorted(set(self.env) & set(self.secrets))
+        if clash:
+            raise RuleError("secrets", f"{', '.join(clash)} is both in 'env' and 'secrets': keep it in "
+                             "'secrets' and out of the spec")
+        return self
+
+
+class Spec(Section):
+    """A qlc job spec."""
+
+    job: Annotated[Job, Field(description="The job's identity and outputs.")]
+    model: Annotated[Model, Field(description="The base model.")]
+    data: Annotated[Data, Field(description="The training data and how to render it.")]
+    quantization: Annotated[Quantization, Field(description="bitsandbytes 4-bit loading.")] = (
+        Quantization()
+    )
+    lora: Annotated[Lora, Field(description="LoRA adapters (peft).")] = Lora()
+    train: Annotated[Train, Field(description="The training loop.")] = Train()
+    runtime: Annotated[Runtime, Field(description="Where and how it runs.")] = Runtime()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Spec:
+        if self.train.eval_steps is not None and not self.data.has_eval:
+            raise RuleError(
+                "train.eval_steps",
+                "train.eval_steps needs evaluation data: set data.eval_split or "
+                "data.eval_fraction, or remove train.eval_steps"
+            )
+        if self.quantization.storage_dtype != "uint8" and not self.quantization.load_in_4bit:
+            raise RuleError("quantization.storage_dtype", "quantization.storage_dtype only applies with load_in_4bit = true")
+        return self

@@ -1,0 +1,1 @@
+"""Hand-written parts of images."""

@@ -1,0 +1,1 @@
+"""The runtime: every side effect (Docker, registries, processes, files) lives here."""

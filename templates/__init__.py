@@ -1,0 +1,1 @@
+"""Jinja templates: the only place file formats are spelled out."""
