@@ -44,7 +44,7 @@ def _module_names(value: object) -> object:
     if isinstance(value, str):
         raise RuleError("", f'must be "all-linear" or a list of module names (got {value!r})')
     if not isinstance(value, list):
-        raise RuleError("", "must be \"all-linear\" or a list of module names")
+        raise RuleError("", 'must be "all-linear" or a list of module names')
     if not value:
         raise RuleError("", 'list at least one module, or use "all-linear"')
     for item in value:
@@ -86,14 +86,17 @@ class Job(Section):
         Field(
             min_length=1,
             max_length=4096,
-            description="Where runs are written: a path relative to the spec file, or an "
-            "object-store URI (s3://, gs://, az://) for batch services.",
+            description="Where runs are written: a path relative to the directory qlc runs "
+            "in (the project; '..' is refused), or an object-store URI (s3://, gs://, az://) "
+            "for batch services. Runs land in <output_dir>/<job.name>/<run id>/.",
         ),
     ] = "runs"
     deterministic: Annotated[
         bool,
-        Field(description="Deterministic algorithms: two runs on the same hardware give "
-              "bit-identical adapters (slower)."),
+        Field(
+            description="Deterministic algorithms: two runs on the same hardware give "
+            "bit-identical adapters (slower)."
+        ),
     ] = False
 
     @field_validator("output_dir")
@@ -111,13 +114,18 @@ class Model(Section):
     ] = None
     path: Annotated[
         str | None,
-        Field(max_length=4096, description="Local model directory (relative to the spec file "
-              "or absolute); mounted read-only."),
+        Field(
+            max_length=4096,
+            description="Local model directory (relative to the spec file "
+            "or absolute); mounted read-only.",
+        ),
     ] = None
     revision: Annotated[
         str | None,
-        Field(pattern=r"^[A-Za-z0-9._/-]{1,128}$",
-              description="Hub revision to pin (commit sha, tag or branch); only with 'id'."),
+        Field(
+            pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+            description="Hub revision to pin (commit sha, tag or branch); only with 'id'.",
+        ),
     ] = None
     tokenizer: Annotated[
         str | None,
@@ -149,8 +157,11 @@ class Data(Section):
     id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
     path: Annotated[
         str | None,
-        Field(max_length=4096, description="Local data file (.jsonl, .json, .parquet, .csv), "
-              "relative to the spec file or absolute; mounted read-only."),
+        Field(
+            max_length=4096,
+            description="Local data file (.jsonl, .json, .parquet, .csv), "
+            "relative to the spec file or absolute; mounted read-only.",
+        ),
     ] = None
     revision: Annotated[
         str | None,
@@ -165,14 +176,20 @@ class Data(Section):
     ] = None
     eval_fraction: Annotated[
         float,
-        Field(ge=0.0, lt=0.5, description="Fraction of the training split held out for "
-              "evaluation (seeded) when there is no eval split."),
+        Field(
+            ge=0.0,
+            lt=0.5,
+            description="Fraction of the training split held out for "
+            "evaluation (seeded) when there is no eval split.",
+        ),
     ] = 0.0
     format: Annotated[
         Literal["text", "instruction", "chat"],
-        Field(description="'text': a field already rendered; 'instruction': prompt/response "
-              "fields through a named template; 'chat': a messages list through the "
-              "tokenizer's chat template."),
+        Field(
+            description="'text': a field already rendered; 'instruction': prompt/response "
+            "fields through a named template; 'chat': a messages list through the "
+            "tokenizer's chat template."
+        ),
     ]
     text_field: Annotated[
         str, Field(min_length=1, max_length=128, description="Field holding the text ('text').")
@@ -182,8 +199,12 @@ class Data(Section):
     ] = "instruction"
     input_field: Annotated[
         str | None,
-        Field(min_length=1, max_length=128, description="Optional extra input field "
-              "('instruction'); empty values are left out of the prompt."),
+        Field(
+            min_length=1,
+            max_length=128,
+            description="Optional extra input field "
+            "('instruction'); empty values are left out of the prompt.",
+        ),
     ] = None
     response_field: Annotated[
         str, Field(min_length=1, max_length=128, description="Response field ('instruction').")
@@ -200,8 +221,10 @@ class Data(Section):
         Field(description="'all': loss on every token; 'completion': prompt tokens masked."),
     ] = "all"
     max_length: Annotated[
-        int, Field(gt=0, le=1_048_576, description="Longest example in tokens; longer ones "
-                   "are truncated.")
+        int,
+        Field(
+            gt=0, le=1_048_576, description="Longest example in tokens; longer ones are truncated."
+        ),
     ] = 1024
     packing: Annotated[
         bool, Field(description="Pack several examples into one sequence (kept separate).")
@@ -225,14 +248,16 @@ class Data(Section):
         if (self.id is None) == (self.path is None):
             raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
         if self.revision is not None and self.id is None:
-            raise RuleError("revision", "'revision' pins a hub dataset: use it with 'id', not 'path'")
+            raise RuleError(
+                "revision", "'revision' pins a hub dataset: use it with 'id', not 'path'"
+            )
         if self.eval_split is not None and self.eval_fraction > 0:
             raise RuleError("eval_fraction", "set 'eval_split' or 'eval_fraction', not both")
         if self.loss == "completion" and self.format == "text":
             raise RuleError(
                 "loss",
-                "loss = \"completion\" needs a prompt/response boundary: use format "
-                "\"instruction\" or \"chat\", or loss = \"all\" for format \"text\""
+                'loss = "completion" needs a prompt/response boundary: use format '
+                '"instruction" or "chat", or loss = "all" for format "text"',
             )
         return self
 
@@ -249,20 +274,19 @@ class Data(Section):
 
 class Quantization(Section):
     load_in_4bit: Annotated[bool, Field(description="Load base weights in 4 bits.")] = True
-    quant_type: Annotated[
-        Literal["nf4", "fp4"], Field(description="4-bit data type.")
-    ] = "nf4"
+    quant_type: Annotated[Literal["nf4", "fp4"], Field(description="4-bit data type.")] = "nf4"
     compute_dtype: Annotated[
         Literal["float16", "bfloat16", "float32"],
         Field(description="dtype of the matmuls on dequantized weights."),
     ] = "float16"
-    double_quant: Annotated[
-        bool, Field(description="Quantize the quantization constants too.")
-    ] = False
+    double_quant: Annotated[bool, Field(description="Quantize the quantization constants too.")] = (
+        False
+    )
     storage_dtype: Annotated[
         Literal["uint8", "float16", "bfloat16", "float32"],
-        Field(description="dtype that packs the 4-bit weights (set to the compute dtype for "
-              "FSDP)."),
+        Field(
+            description="dtype that packs the 4-bit weights (set to the compute dtype for FSDP)."
+        ),
     ] = "uint8"
 
 
@@ -276,22 +300,37 @@ class Lora(Section):
     target_modules: Annotated[
         str | list[str],
         BeforeValidator(_module_names),
-        WithJsonSchema({"anyOf": [{"const": "all-linear"}, {"type": "array", "minItems": 1,
-                        "items": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,128}$"}}]}),
-        Field(description="Module names to adapt, or \"all-linear\"."),
-    ] = ["q_proj", "v_proj"]  # noqa: RUF012 - frozen model, the list is copied per instance
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"const": "all-linear"},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,128}$"},
+                    },
+                ]
+            }
+        ),
+        Field(description='Module names to adapt, or "all-linear".'),
+    ] = ["q_proj", "v_proj"]
     modules_to_save: Annotated[
         list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]],
         Field(description="Modules trained in full and saved with the adapter."),
-    ] = []  # noqa: RUF012
+    ] = []
 
 
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
 Optimizer = Literal[
-    "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit",
-    "adafactor", "sgd",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "adamw_8bit",
+    "adafactor",
+    "sgd",
 ]
 
 
@@ -302,7 +341,9 @@ class Train(Section):
     max_steps: Annotated[
         int | None, Field(gt=0, description="Optimizer steps; replaces 'epochs'.")
     ] = None
-    batch_size: Annotated[int, Field(gt=0, le=65536, description="Examples per device per step.")] = 4
+    batch_size: Annotated[
+        int, Field(gt=0, le=65536, description="Examples per device per step.")
+    ] = 4
     grad_accum: Annotated[
         int, Field(gt=0, le=65536, description="Micro-batches accumulated per optimizer step.")
     ] = 1
@@ -314,9 +355,9 @@ class Train(Section):
     warmup_steps: Annotated[int | None, Field(ge=0, description="Warmup in steps.")] = None
     weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
     optimizer: Annotated[Optimizer, Field(description="Optimizer.")] = "paged_adamw_32bit"
-    max_grad_norm: Annotated[
-        float, Field(ge=0, description="Gradient clipping norm (0: off).")
-    ] = 1.0
+    max_grad_norm: Annotated[float, Field(ge=0, description="Gradient clipping norm (0: off).")] = (
+        1.0
+    )
     group_by_length: Annotated[
         bool, Field(description="Batch examples of similar length together.")
     ] = False
@@ -329,13 +370,17 @@ class Train(Section):
     ] = "no"
     engine: Annotated[
         Literal["reference", "fast"],
-        Field(description="'reference': plain transformers/trl; 'fast': padding-free batches "
-              "and fused kernels, same mathematics."),
+        Field(
+            description="'reference': plain transformers/trl; 'fast': padding-free batches "
+            "and fused kernels, same mathematics."
+        ),
     ] = "reference"
     memory: Annotated[
         Literal["standard", "lean"],
-        Field(description="'lean': trade speed for peak memory (8-bit optimizer states, "
-              "checkpointing, chunked loss)."),
+        Field(
+            description="'lean': trade speed for peak memory (8-bit optimizer states, "
+            "checkpointing, chunked loss)."
+        ),
     ] = "standard"
     logging_steps: Annotated[int, Field(gt=0, description="Log every N optimizer steps.")] = 25
     eval_steps: Annotated[
@@ -374,7 +419,7 @@ class Runtime(Section):
     ] = None
     gpu_archs: Annotated[
         list[Annotated[str, Field(pattern=r"^\d+\.\d+$")]] | None,
-        Field(description="Compute capabilities to support, e.g. [\"8.0\", \"9.0\"]."),
+        Field(description='Compute capabilities to support, e.g. ["8.0", "9.0"].'),
     ] = None
     shm_size: Annotated[
         str, Field(pattern=r"^\d+[kmgKMG]?$", description="Shared memory for the container.")
@@ -382,18 +427,21 @@ class Runtime(Section):
     env: Annotated[
         dict[Annotated[str, Field(pattern=ENV_NAME)], Annotated[str, Field(max_length=4096)]],
         Field(description="Plain environment variables (never secrets)."),
-    ] = {}  # noqa: RUF012
+    ] = {}
     secrets: Annotated[
         list[Annotated[str, Field(pattern=ENV_NAME)]],
         Field(description="Names of environment variables passed through at run time only."),
-    ] = []  # noqa: RUF012
+    ] = []
 
     @model_validator(mode="after")
     def _rules(self) -> Runtime:
         clash = sorted(set(self.env) & set(self.secrets))
         if clash:
-            raise RuleError("secrets", f"{', '.join(clash)} is both in 'env' and 'secrets': keep it in "
-                             "'secrets' and out of the spec")
+            raise RuleError(
+                "secrets",
+                f"{', '.join(clash)} is both in 'env' and 'secrets': keep it in "
+                "'secrets' and out of the spec",
+            )
         return self
 
 
@@ -415,9 +463,9 @@ class Spec(Section):
         if self.train.eval_steps is not None and not self.data.has_eval:
             raise RuleError(
                 "train.eval_steps",
-                "train.eval_steps needs evaluation data: set data.eval_split or "
-                "data.eval_fraction, or remove train.eval_steps"
+                "needs evaluation data: set data.eval_split or "
+                "data.eval_fraction, or remove train.eval_steps",
             )
         if self.quantization.storage_dtype != "uint8" and not self.quantization.load_in_4bit:
-            raise RuleError("quantization.storage_dtype", "quantization.storage_dtype only applies with load_in_4bit = true")
+            raise RuleError("quantization.storage_dtype", "only applies with load_in_4bit = true")
         return self

@@ -1,0 +1,64 @@
+"""explain: every effective value of a spec, and whether the spec or a default set it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from qlc.compiler.spec import Spec
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    value: Any
+    source: str  # "spec" or "default"
+    description: str
+
+    @property
+    def shown(self) -> str:
+        return json.dumps(self.value, ensure_ascii=False)
+
+
+def explain(spec: Spec) -> list[Setting]:
+    """Every leaf setting of the spec in declaration order."""
+    return list(_walk(spec, "", True))
+
+
+def _walk(model: BaseModel, prefix: str, from_spec: bool) -> list[Setting]:
+    settings: list[Setting] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        explicit = from_spec and name in model.model_fields_set
+        if isinstance(value, BaseModel):
+            settings.extend(_walk(value, key + ".", explicit))
+            continue
+        dumped = model.model_dump(mode="json", include={name})[name]
+        settings.append(
+            Setting(key, dumped, "spec" if explicit else "default", field.description or "")
+        )
+    return settings
+
+
+def derived(spec: Spec) -> list[Setting]:
+    """Values qlc computes from several settings, shown so nobody has to do the arithmetic."""
+    devices = max(spec.runtime.gpus, 1)
+    per_step = spec.train.batch_size * spec.train.grad_accum * devices
+    return [
+        Setting(
+            "derived.examples_per_optimizer_step",
+            per_step,
+            "derived",
+            "batch_size x grad_accum x devices (data-parallel processes)",
+        ),
+        Setting("derived.lora_scale", spec.lora.alpha / spec.lora.r, "derived", "alpha / r"),
+        Setting(
+            "derived.data_file_format",
+            spec.data.file_format,
+            "derived",
+            "from the data file's suffix (null for hub datasets)",
+        ),
+    ]

@@ -1,0 +1,240 @@
+"""Load a TOML spec into a `Spec`, or fail once listing every problem as FILE:LINE:COL: key: msg."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ValidationError
+from qlc.compiler.locate import KeyPath, key_positions, locate
+from qlc.compiler.spec import RuleError, Spec
+
+MAX_SPEC_BYTES = 1 << 20
+TOML_TYPES = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    list: "array",
+    dict: "table",
+}
+EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean (true or false)",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "none_required": "absent",
+}
+BOUNDS = {
+    "greater_than": ("gt", "greater than"),
+    "greater_than_equal": ("ge", "at least"),
+    "less_than": ("lt", "less than"),
+    "less_than_equal": ("le", "at most"),
+}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    file: str
+    line: int
+    column: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; carries every problem found."""
+
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        self.diagnostics = diagnostics
+        super().__init__("\n".join(str(d) for d in diagnostics))
+
+
+class LoadedSpec(NamedTuple):
+    spec: Spec
+    warnings: list[Diagnostic]
+
+
+def load_spec_file(path: str | Path) -> LoadedSpec:
+    """Read and load a spec file; unreadable files are spec errors too."""
+    name = str(path)
+    try:
+        source = Path(path).read_bytes()
+    except OSError as err:
+        problem = Diagnostic(name, 1, 1, "", f"cannot read the spec: {err.strerror}")
+        raise SpecError([problem]) from None
+    return load_spec(source, name)
+
+
+def load_spec(source: bytes, filename: str) -> LoadedSpec:
+    """Parse and validate spec bytes. Raises SpecError listing all problems at once."""
+    text = _decode(source, filename)
+    document = _parse(text, filename)
+    positions = key_positions(text)
+    try:
+        spec = Spec.model_validate(document)
+    except ValidationError as err:
+        diagnostics = [_diagnostic(e, positions, filename) for e in err.errors()]
+        unique = list(dict.fromkeys(diagnostics))
+        raise SpecError(sorted(unique, key=lambda d: (d.line, d.column, d.key))) from None
+    return LoadedSpec(spec, _warnings(spec, positions, filename))
+
+
+def _decode(source: bytes, filename: str) -> str:
+    if len(source) > MAX_SPEC_BYTES:
+        size = f"{len(source) / 1e6:.1f} MB"
+        raise SpecError(
+            [Diagnostic(filename, 1, 1, "", f"spec is {size}; specs are at most 1 MiB")]
+        )
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = source[: err.start].count(b"\n") + 1
+        column = err.start - (source.rfind(b"\n", 0, err.start) + 1) + 1
+        message = f"not UTF-8 text (byte 0x{source[err.start]:02x}); a spec is a TOML text file"
+        raise SpecError([Diagnostic(filename, line, column, "", message)]) from None
+    if "\x00" in text:
+        index = text.index("\x00")
+        line = text.count("\n", 0, index) + 1
+        column = index - (text.rfind("\n", 0, index) + 1) + 1
+        raise SpecError([Diagnostic(filename, line, column, "", "NUL byte: a spec is a text file")])
+    return text.removeprefix("\ufeff")
+
+
+def _parse(text: str, filename: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        message = str(err)
+        match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        line, column = (int(match.group(1)), int(match.group(2))) if match else (1, 1)
+        if "end of document" in message:
+            line, column = text.count("\n") + 1, 1
+        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
+        raise SpecError(
+            [Diagnostic(filename, line, column, "", f"TOML syntax: {reason}")]
+        ) from None
+    except RecursionError:
+        raise SpecError([Diagnostic(filename, 1, 1, "", "TOML nested too deeply")]) from None
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> KeyPath:
+    """Drop pydantic's internal parts ('[key]', union tags) and stringify list indexes."""
+    return tuple(str(part) for part in loc if part != "[key]" and "[" not in str(part))
+
+
+def _key_text(loc: KeyPath) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str | bool) else str(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{TOML_TYPES.get(type(value), type(value).__name__)} {text}"
+
+
+def _model_at(loc: KeyPath) -> type[BaseModel] | None:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _unknown_key(loc: KeyPath) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key"
+    known = sorted(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    if close:
+        return f'unknown key; did you mean "{close[0]}"?'
+    return f"unknown key; expected one of: {', '.join(known)}"
+
+
+def _message(error: Any, loc: KeyPath) -> tuple[KeyPath, str]:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "missing":
+        return loc, "required key is missing"
+    if kind == "extra_forbidden":
+        return loc, _unknown_key(loc)
+    if kind == "value_error" and isinstance(ctx.get("error"), RuleError):
+        rule = ctx["error"]
+        return loc + tuple(k for k in rule.key.split(".") if k), str(rule)
+    if kind in BOUNDS:
+        name, words = BOUNDS[kind]
+        return loc, f"must be {words} {ctx[name]} (got {value})"
+    if kind == "literal_error":
+        return loc, f"must be one of {ctx['expected']} (got {_shown(value)})"
+    if kind == "string_pattern_mismatch":
+        return loc, f"invalid value {_shown(value)}: must match {ctx['pattern']}"
+    if kind in EXPECTED:
+        return loc, f"must be {EXPECTED[kind]} (got {_shown(value)})"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return loc, f"{message[0].lower()}{message[1:]}" if message else kind
+
+
+def _diagnostic(error: Any, positions: dict[KeyPath, tuple[int, int]], filename: str) -> Diagnostic:
+    loc, message = _message(error, _clean_loc(error["loc"]))
+    line, column = locate(positions, loc)
+    return Diagnostic(filename, line, column, _key_text(loc), message)
+
+
+def _warnings(
+    spec: Spec, positions: dict[KeyPath, tuple[int, int]], filename: str
+) -> list[Diagnostic]:
+    found: list[tuple[KeyPath, str]] = []
+    scale = spec.lora.alpha / spec.lora.r
+    if not 0.25 <= scale <= 4:
+        found.append(
+            (
+                ("lora", "alpha"),
+                f"LoRA scale alpha/r = {scale:g} is unusual (most "
+                "recipes use 0.25 to 4); check lora.alpha and lora.r",
+            )
+        )
+    if spec.model.id is not None and spec.model.revision is None:
+        found.append(
+            (
+                ("model", "id"),
+                "no 'revision': the hub may change this model under you; "
+                "pin a commit sha for a reproducible run",
+            )
+        )
+    if spec.data.id is not None and spec.data.revision is None:
+        found.append(
+            (
+                ("data", "id"),
+                "no 'revision': the hub may change this dataset under you; "
+                "pin a commit sha for a reproducible run",
+            )
+        )
+    if spec.train.save_steps is None:
+        found.append((("train",), "no 'save_steps': an interrupted run restarts from step 0"))
+    return [
+        Diagnostic(filename, *locate(positions, key), _key_text(key), message)
+        for key, message in found
+    ]

@@ -1,0 +1,169 @@
+"""The qlc command line: parse arguments, call one compiler or runtime function, print, exit.
+
+Exit codes: 0 success, 2 user error (bad spec, bad arguments), 1 run failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qlc import __version__
+from qlc.compiler.explain import derived, explain
+from qlc.compiler.load import SpecError, load_spec_file
+from qlc.compiler.spec import Spec
+
+if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fast
+    from qlc.compiler.context import BuildContext
+
+app = typer.Typer(
+    name="qlc",
+    help="qlc: a declarative QLoRA fine-tuning compiler and containerized runner.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="A qlc TOML spec, e.g. specs/guanaco.toml.")]
+
+
+class UserError(Exception):
+    """Something the user must fix: printed without a traceback, exit 2."""
+
+
+class RunFailure(Exception):
+    """A build or run that failed: printed with its cause and fix, exit 1."""
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        err.print(f"warning: {warning}", markup=False)
+
+
+def read_spec_and_lock(spec_path: Path) -> tuple[bytes, bytes | None]:
+    from qlc.compiler.context import lock_name
+
+    try:
+        source = spec_path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{spec_path}:1:1: cannot read the spec: {error.strerror}") from None
+    lock_path = Path(lock_name(str(spec_path)))
+    return source, lock_path.read_bytes() if lock_path.is_file() else None
+
+
+def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
+    from qlc.compiler.context import compile_spec
+
+    source, lock = read_spec_and_lock(spec_path)
+    return compile_spec(source, str(spec_path), lock, require_lock=require_lock)
+
+
+def write_context(context: BuildContext, directory: Path) -> None:
+    """Write a context atomically: a sibling temp dir renamed into place."""
+    directory = directory.resolve()
+    if directory.exists() and any(directory.iterdir()):
+        existing = {p.name for p in directory.iterdir()}
+        if not existing <= set(context.files) | {".qlc-context"}:
+            raise UserError(
+                f"{directory} holds files qlc did not write: choose an empty or new directory"
+            )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=directory.parent))
+    for name, data in context.files.items():
+        (staging / name).write_bytes(data)
+    (staging / ".qlc-context").write_text(context.content_hash + "\n")
+    if directory.exists():
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+    os.replace(staging, directory)
+
+
+@app.command()
+def validate(specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")]) -> None:
+    """Check specs; print every problem as FILE:LINE:COL: key: message. Exit 0 or 2."""
+    failed = False
+    for path in specs:
+        try:
+            _, warnings = load_spec_file(path)
+        except SpecError as error:
+            failed = True
+            err.print(str(error), markup=False)
+            continue
+        print_warnings([str(w) for w in warnings])
+        out.print(f"{path}: ok", markup=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command(name="explain")
+def explain_command(
+    spec: SpecArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show every effective setting, its value, and whether the spec or a default set it."""
+    loaded, warnings = load_spec_file(spec)
+    rows = explain(loaded) + derived(loaded)
+    if as_json:
+        out.print_json(json.dumps({r.key: {"value": r.value, "source": r.source} for r in rows}))
+        return
+    print_warnings([str(w) for w in warnings])
+    if out.is_terminal:
+        table = Table("key", "value", "from", "meaning", title=str(spec))
+        for row in rows:
+            table.add_row(row.key, row.shown, row.source, row.description)
+        out.print(table)
+        return
+    width = max(len(row.key) for row in rows)
+    for row in rows:
+        out.print(f"{row.key:<{width}}  {row.shown}  ({row.source})", markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the spec language."""
+    out.print(json.dumps(Spec.model_json_schema(), indent=2, sort_keys=True), markup=False)
+
+
+@app.command(name="compile")
+def compile_command(
+    spec: SpecArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the context.")],
+) -> None:
+    """Compile a spec into a Docker build context (needs its committed lock; no network)."""
+    context = compile_path(spec)
+    write_context(context, output)
+    print_warnings(context.warnings)
+    out.print(f"{output}: {len(context.files)} files, {context.content_hash}", markup=False)
+
+
+@app.command()
+def version() -> None:
+    """Print qlc's version."""
+    out.print(__version__, markup=False)
+
+
+def main() -> None:
+    """Entry point: map errors to exit codes; never show a traceback for a user error.
+
+    Typer's standalone mode handles --help, usage errors (exit 2) and Ctrl-C; qlc's own
+    errors propagate out of it and are printed here.
+    """
+    try:
+        app()
+    except (SpecError, UserError) as error:
+        err.print(str(error), markup=False)
+        sys.exit(2)
+    except RunFailure as error:
+        err.print(f"error: {error}", markup=False)
+        sys.exit(1)
