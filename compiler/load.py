@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
+
 from qlc.compiler.locate import KeyPath, key_positions, locate
-from qlc.compiler.spec import RuleError, Spec
+from qlc.compiler.spec import ENV_NAME, HUB_ID, JOB_NAME, REVISION, RuleError, Spec
 
 MAX_SPEC_BYTES = 1 << 20
 TOML_TYPES = {
@@ -33,6 +34,15 @@ EXPECTED = {
     "model_type": "a table",
     "model_attributes_type": "a table",
     "none_required": "absent",
+}
+PATTERNS = {
+    HUB_ID: 'a hub id like "org/name"',
+    ENV_NAME: "an environment variable name (A-Z, 0-9 and _, not starting with a digit)",
+    JOB_NAME: "lowercase letters, digits, '.', '_' or '-' (at most 63, starting with a letter "
+    "or digit)",
+    REVISION: "a commit sha, tag or branch name",
+    r"^\d+\.\d+$": 'a version like "12.8"',
+    r"^\d+[kmgKMG]?$": 'a size like "16g"',
 }
 BOUNDS = {
     "greater_than": ("gt", "greater than"),
@@ -188,9 +198,11 @@ def _message(error: Any, loc: KeyPath) -> tuple[KeyPath, str]:
         name, words = BOUNDS[kind]
         return loc, f"must be {words} {ctx[name]} (got {value})"
     if kind == "literal_error":
-        return loc, f"must be one of {ctx['expected']} (got {_shown(value)})"
+        expected = str(ctx["expected"]).replace("'", '"')
+        return loc, f"must be one of {expected} (got {_shown(value)})"
     if kind == "string_pattern_mismatch":
-        return loc, f"invalid value {_shown(value)}: must match {ctx['pattern']}"
+        wanted = PATTERNS.get(ctx["pattern"], f"match {ctx['pattern']}")
+        return loc, f"must be {wanted} (got {_shown(value)})"
     if kind in EXPECTED:
         return loc, f"must be {EXPECTED[kind]} (got {_shown(value)})"
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -22,6 +22,8 @@ from pydantic import (
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
+JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
 DATA_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 URI_SCHEMES = ("s3://", "gs://", "az://")
 
@@ -55,14 +57,14 @@ def _module_names(value: object) -> object:
     return value
 
 
-def _relative_path(value: str, what: str) -> str:
+def _relative_path(value: str) -> str:
     """A path relative to the spec file that stays inside its project."""
     if "\x00" in value:
-        raise ValueError(f"{what} must not contain a NUL byte")
+        raise ValueError("must not contain a NUL byte")
     if value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value):
-        raise ValueError(f"{what} must be relative to the spec file (got absolute {value!r})")
+        raise ValueError(f"must be a relative path inside the project (got absolute {value!r})")
     if ".." in re.split(r"[\\/]", value):
-        raise ValueError(f"{what} must not leave the project with '..' (got {value!r})")
+        raise ValueError(f"must stay inside the project: '..' is refused (got {value!r})")
     return value
 
 
@@ -76,7 +78,7 @@ class Job(Section):
     name: Annotated[
         str,
         Field(
-            pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+            pattern=JOB_NAME,
             description="Job name: lowercase letters, digits, '.', '_' or '-'; names the image.",
         ),
     ]
@@ -104,7 +106,7 @@ class Job(Section):
     def _output_dir(cls, value: str) -> str:
         if value.startswith(URI_SCHEMES):
             return value
-        return _relative_path(value, "output_dir")
+        return _relative_path(value)
 
 
 class Model(Section):
@@ -123,7 +125,7 @@ class Model(Section):
     revision: Annotated[
         str | None,
         Field(
-            pattern=r"^[A-Za-z0-9._/-]{1,128}$",
+            pattern=REVISION,
             description="Hub revision to pin (commit sha, tag or branch); only with 'id'.",
         ),
     ] = None
@@ -165,7 +167,7 @@ class Data(Section):
     ] = None
     revision: Annotated[
         str | None,
-        Field(pattern=r"^[A-Za-z0-9._/-]{1,128}$", description="Hub dataset revision to pin."),
+        Field(pattern=REVISION, description="Hub dataset revision to pin."),
     ] = None
     split: Annotated[
         str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Split to train on.")

@@ -1,0 +1,3 @@
+from qlc.cli import main
+
+main()
