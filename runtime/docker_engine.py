@@ -7,6 +7,7 @@ turns one into what the SDK sends, so the GPU request can be checked without a G
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
@@ -266,10 +267,8 @@ class DockerEngine:
         )
 
     def remove(self, container_id: str) -> None:
-        try:
+        with contextlib.suppress(self._errors.NotFound):
             self._api.remove_container(container_id, force=True, v=True)
-        except self._errors.NotFound:
-            pass
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
         return dict(self._api.inspect_container(container_id))
