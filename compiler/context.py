@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from qlc import __version__
 from qlc.compiler.load import Diagnostic, SpecError, load_spec
 from qlc.compiler.locate import key_positions, locate
-from qlc.compiler.lockfile import LockError, check_lock, lock_input_hash
+from qlc.compiler.lockfile import (
+    PLATFORM,
+    LockError,
+    check_lock,
+    describe_inputs,
+    lock_input_hash,
+)
 from qlc.compiler.plan import LockRef, Plan
 from qlc.compiler.render import render_files
 from qlc.compiler.resolve import ResolveError, resolve
-
-from qlc import __version__
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,10 @@ def compile_spec(
             ]
         )
     if lock is not None:
-        expected = lock_input_hash(plan.stack, plan.stack.python, "x86_64-manylinux_2_28")
+        expected = lock_input_hash(plan.stack, plan.stack.python, PLATFORM)
+        wanted = describe_inputs(plan.stack, plan.stack.python, PLATFORM)
         try:
-            check_lock(lock, expected)
+            check_lock(lock, expected, expected_for=wanted, spec_name=spec_name)
         except LockError as err:
             raise SpecError(
                 [Diagnostic(lock_file, getattr(err, "line", 1) or 1, 1, "", str(err))]
