@@ -147,6 +147,28 @@ def compile_command(
     out.print(f"{output}: {len(context.files)} files, {context.content_hash}", markup=False)
 
 
+@app.command(name="lock")
+def lock_command(
+    spec: SpecArg,
+    refresh_base: Annotated[
+        bool,
+        typer.Option("--refresh-base", help="Also check the base image digest with its registry."),
+    ] = False,
+) -> None:
+    """Resolve the spec's Python stack with sha256 hashes into SPEC's .lock (needs PyPI)."""
+    from qlc.runtime.lock import LockFailure, check_base_image, lock_spec, plan_for
+
+    try:
+        if refresh_base:
+            image = plan_for(spec).base_image
+            digest = check_base_image(image)
+            out.print(f"{image.repository}:{image.tag}: {digest} (matches the pin)", markup=False)
+        path = lock_spec(spec)
+    except LockFailure as error:
+        raise RunFailure(str(error)) from None
+    out.print(f"{path}: locked; commit it beside {spec}", markup=False)
+
+
 @app.command()
 def version() -> None:
     """Print qlc's version."""
