@@ -6,6 +6,7 @@ import difflib
 import json
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -158,9 +159,21 @@ def _shown(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "an array"
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str | bool) else str(value)
+    text = (
+        _printable(json.dumps(value, ensure_ascii=False))
+        if isinstance(value, str | bool)
+        else (str(value))
+    )
     text = text if len(text) <= 60 else text[:57] + "..."
     return f"{TOML_TYPES.get(type(value), type(value).__name__)} {text}"
+
+
+def _printable(text: str) -> str:
+    """Escape control and line-separator characters so a diagnostic stays on one line."""
+    return "".join(
+        f"\\u{ord(ch):04x}" if unicodedata.category(ch)[0] in "CZ" and ch != " " else ch
+        for ch in text
+    )
 
 
 def _model_at(loc: KeyPath) -> type[BaseModel] | None:
@@ -212,7 +225,7 @@ def _message(error: Any, loc: KeyPath) -> tuple[KeyPath, str]:
 def _diagnostic(error: Any, positions: dict[KeyPath, tuple[int, int]], filename: str) -> Diagnostic:
     loc, message = _message(error, _clean_loc(error["loc"]))
     line, column = locate(positions, loc)
-    return Diagnostic(filename, line, column, _key_text(loc), message)
+    return Diagnostic(filename, line, column, _printable(_key_text(loc)), _printable(message))
 
 
 def _warnings(

