@@ -1,8 +1,4 @@
 """qlc: a declarative QLoRA fine-tuning compiler and containerized runner."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("qlc")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+# The single source of the version (pyproject reads it): no importlib.metadata at start-up.
+__version__ = "0.1.0"

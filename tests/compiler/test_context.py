@@ -177,7 +177,7 @@ def test_injected_strings_stay_data() -> None:
     assert tomllib.loads(context.files["spec.toml"].decode())["data"]["text_field"] == PAYLOAD
     script = context.files["train.py"].decode()
     ast.parse(script)
-    assert "touch /tmp/pwned" not in script and "{{" not in script
+    assert "touch /tmp/pwned" not in script and "{{ x }}" not in script
     before = [(i["instruction"], i["value"]) for i in parsed_dockerfile(normal).structure]
     after = [(i["instruction"], i["value"]) for i in parsed_dockerfile(context).structure]
     assert [i for i, _ in before] == [i for i, _ in after]
