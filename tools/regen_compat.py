@@ -93,9 +93,13 @@ IMAGES: list[dict[str, Any]] = [
         "sources": [
             "chrysogonus/local-image-upscaler Dockerfile @0f0e00c10868a9f1fc0ffd512d292c62489cdc75",
         ],
-        "note": "13.0.1 rather than 13.0.3 (torch's cuda-toolkit pin): its digest is pinned by "
-        "several independent public Dockerfiles; torch brings its own CUDA 13.0 libraries as "
-        "wheels, so any 13.0.x runtime base serves, and the driver floor is the same.",
+        "note": "13.0.1 rather than 13.0.3 (torch's cuda-toolkit pin): this digest appears "
+        "verbatim in six files of the public code index (this Dockerfile and an earlier version "
+        "of it, a README, a Rust LLM server's Dockerfile, a RunPod worker's Dockerfile, notes "
+        "pinning it on nvcr.io); only this repository could be resolved. 13.0.3-runtime "
+        "(sha256:76f46f3e...72efb, jasonpereira518/gpu-portfolio-optimization-engine Dockerfile "
+        "@046bd947) has a single source. torch brings its own CUDA 13.0 libraries as wheels, so "
+        "any 13.0.x runtime base serves with the same driver floor.",
     },
     {
         "repository": "python",
@@ -105,8 +109,13 @@ IMAGES: list[dict[str, Any]] = [
         "python": "3.11",
         "python_from": "the image's /usr/local/bin/python3 (3.11)",
         "verified": False,
-        "sources": [],
-        "note": "CPU plans (runtime.gpus = 0). CI substitutes a local debootstrap bookworm base "
+        "sources": [
+            "AetherAI3/agent-browser Dockerfile @1d5d97ff870a7ba74f0c04cc955e65d38acf8e36",
+            "hotter74514/aiconfigurator-web Dockerfile @0d24a68f0a55f09eb2bc262924e0bd4298c05230",
+        ],
+        "note": "Ten files of the public code index pin this digest, for 3.11-slim-bookworm "
+        "and 3.11.16-slim-bookworm (the same multi-arch index at the time). CPU plans "
+        "(runtime.gpus = 0). CI substitutes a local debootstrap bookworm base "
         "whose /usr/bin/python3 is 3.11 via ARG BASE_IMAGE.",
     },
 ]
