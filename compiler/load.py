@@ -259,7 +259,8 @@ def _warnings(
         )
     if spec.train.save_steps is None:
         found.append((("train",), "no 'save_steps': an interrupted run restarts from step 0"))
-    return [
-        Diagnostic(filename, *locate(positions, key), _key_text(key), message)
-        for key, message in found
-    ]
+    diagnostics = []
+    for key, message in found:
+        line, column = locate(positions, key)
+        diagnostics.append(Diagnostic(filename, line, column, _key_text(key), message))
+    return diagnostics
