@@ -117,3 +117,19 @@ def test_committed_locks_parse_and_pin_the_stack(path: Path) -> None:
         name, version = requirement.split("==")
         assert lock.version_of(name) == version, f"{path.name}: {name}"
     assert all(r.hashes for r in lock.requirements)
+
+
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*.lock")), ids=lambda p: p.name)
+def test_committed_locks_are_fresh_for_their_specs(path: Path) -> None:
+    # A stack change in the compatibility table must come with `qlc lock` for every spec.
+    from qlc.compiler.load import load_spec
+    from qlc.compiler.resolve import resolve
+
+    spec_path = path.with_suffix(".toml")
+    spec, _ = load_spec(spec_path.read_bytes(), spec_path.name)
+    plan = resolve(spec, spec_name=spec_path.name, spec_sha256="0" * 64, qlc_version="0",
+                   lock=None)  # fmt: skip
+    python = plan.stack.python
+    check_lock(path.read_bytes(), lock_input_hash(plan.stack, python, PLATFORM),
+               expected_for=describe_inputs(plan.stack, python, PLATFORM),
+               spec_name=str(spec_path))  # fmt: skip

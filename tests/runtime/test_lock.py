@@ -125,7 +125,7 @@ class FakeRegistry(BaseHTTPRequestHandler):
 @pytest.fixture
 def registry() -> Iterator[str]:
     server = HTTPServer(("127.0.0.1", 0), FakeRegistry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     FakeRegistry.seen = []
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -169,3 +169,14 @@ def test_unreachable_registry_fails_clearly() -> None:
 def test_official_images_live_under_library() -> None:
     assert registry_path("python") == "library/python"
     assert registry_path("nvidia/cuda") == "nvidia/cuda"
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
+def test_real_uv_resolves_a_small_requirement_with_hashes() -> None:
+    # Talks to PyPI (reachable on developer machines and CI); one tiny pure-Python package.
+    from qlc.compiler.lockfile import parse_lock
+
+    body = UvResolver(timeout_s=120).compile(["six==1.17.0"], "3.11", PLATFORM)
+    lock = parse_lock("# qlc-lock-input: sha256:" + "0" * 64 + "\n" + body)
+    assert [r.pin for r in lock.requirements] == ["six==1.17.0"]
+    assert lock.requirements[0].hashes
