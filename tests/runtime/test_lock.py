@@ -180,3 +180,26 @@ def test_real_uv_resolves_a_small_requirement_with_hashes() -> None:
     lock = parse_lock("# qlc-lock-input: sha256:" + "0" * 64 + "\n" + body)
     assert [r.pin for r in lock.requirements] == ["six==1.17.0"]
     assert lock.requirements[0].hashes
+
+
+def test_cli_lock_writes_the_lock_and_maps_failures_to_exit_1(
+    spec_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import qlc.runtime.lock as lock_module
+    from qlc.cli import RunFailure, app
+
+    monkeypatch.setattr(lock_module.UvResolver, "compile", FakeResolver().compile)
+    done = CliRunner().invoke(app, ["lock", str(spec_copy)])
+    assert done.exit_code == 0, done.output
+    assert spec_copy.with_suffix(".lock").is_file() and "locked" in done.output
+
+    def unreachable(image: BaseImage) -> str:
+        raise LockFailure("cannot reach the registry")
+
+    monkeypatch.setattr(lock_module, "check_base_image", unreachable)
+    done = CliRunner().invoke(app, ["lock", "--refresh-base", str(spec_copy)])
+    # RunFailure is what qlc.cli.main prints without a traceback and maps to exit 1.
+    assert isinstance(done.exception, RunFailure)
+    assert "cannot reach the registry" in str(done.exception)
