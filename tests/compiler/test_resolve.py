@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from qlc.compiler.compat import load_table
 from qlc.compiler.plan import LockRef, Plan
 from qlc.compiler.resolve import ResolveError, resolve
