@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
+
 from qlc.compiler.spec import Spec
 
 
@@ -43,11 +44,32 @@ def _walk(model: BaseModel, prefix: str, from_spec: bool) -> list[Setting]:
     return settings
 
 
+def grad_accum(spec: Spec) -> int:
+    """Accumulation steps: explicit, or derived so examples per step stay as the spec says."""
+    if spec.train.examples_per_step is None:
+        return spec.train.grad_accum
+    return int(spec.train.examples_per_step) // (spec.train.batch_size * max(spec.runtime.gpus, 1))
+
+
 def derived(spec: Spec) -> list[Setting]:
     """Values qlc computes from several settings, shown so nobody has to do the arithmetic."""
     devices = max(spec.runtime.gpus, 1)
-    per_step = spec.train.batch_size * spec.train.grad_accum * devices
+    accumulation = grad_accum(spec)
+    per_step = spec.train.batch_size * accumulation * devices
     return [
+        Setting("derived.devices", devices, "derived", "data-parallel processes (GPUs, or 1 CPU)"),
+        Setting(
+            "derived.per_device_batch",
+            spec.train.batch_size,
+            "derived",
+            "examples per device per micro-batch",
+        ),
+        Setting(
+            "derived.grad_accum",
+            accumulation,
+            "derived",
+            "micro-batches accumulated per optimizer step (from examples_per_step if set)",
+        ),
         Setting(
             "derived.examples_per_optimizer_step",
             per_step,

@@ -349,6 +349,15 @@ class Train(Section):
     grad_accum: Annotated[
         int, Field(gt=0, le=65536, description="Micro-batches accumulated per optimizer step.")
     ] = 1
+    examples_per_step: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            description="Examples per optimizer step across all GPUs. When set, grad_accum is "
+            "derived from it (examples_per_step / (batch_size x GPUs)), so scaling out keeps "
+            "the one-GPU recipe's mathematics.",
+        ),
+    ] = None
     learning_rate: Annotated[float, Field(gt=0, lt=1, description="Peak learning rate.")] = 2e-4
     lr_scheduler: Annotated[Scheduler, Field(description="Learning-rate schedule.")] = "cosine"
     warmup_ratio: Annotated[
@@ -410,6 +419,14 @@ class Train(Section):
 
 class Runtime(Section):
     gpus: Annotated[int, Field(ge=0, le=64, description="GPUs per node (0: CPU only).")] = 1
+    distributed: Annotated[
+        Literal["ddp", "fsdp"],
+        Field(
+            description="With several GPUs: 'ddp' puts the 4-bit model on every GPU; 'fsdp' "
+            "shards it (set quantization.storage_dtype to the compute dtype) for models "
+            "that do not fit one card."
+        ),
+    ] = "ddp"
     cuda: Annotated[
         str | None, Field(pattern=r"^\d+\.\d+$", description="CUDA major.minor to target.")
     ] = None
@@ -467,6 +484,32 @@ class Spec(Section):
                 "train.eval_steps",
                 "needs evaluation data: set data.eval_split or "
                 "data.eval_fraction, or remove train.eval_steps",
+            )
+        train, gpus = self.train, max(self.runtime.gpus, 1)
+        if train.examples_per_step is not None:
+            if "grad_accum" in train.model_fields_set:
+                raise RuleError(
+                    "train.examples_per_step",
+                    "set 'examples_per_step' or 'grad_accum', not both: grad_accum is derived",
+                )
+            per_pass = train.batch_size * gpus
+            nearest = max(1, round(train.examples_per_step / per_pass))
+            if train.examples_per_step % per_pass:
+                raise RuleError(
+                    "train.examples_per_step",
+                    f"must be a multiple of batch_size x GPUs = {per_pass} (got "
+                    f"{train.examples_per_step}); e.g. {per_pass * nearest}",
+                )
+        fsdp = self.runtime.distributed == "fsdp"
+        if (
+            fsdp
+            and self.quantization.load_in_4bit
+            and (self.quantization.storage_dtype != self.quantization.compute_dtype)
+        ):
+            raise RuleError(
+                "quantization.storage_dtype",
+                f"FSDP shards 4-bit weights only when they are stored in the compute dtype: set "
+                f'storage_dtype = "{self.quantization.compute_dtype}"',
             )
         if self.quantization.storage_dtype != "uint8" and not self.quantization.load_in_4bit:
             raise RuleError("quantization.storage_dtype", "only applies with load_in_4bit = true")
