@@ -47,8 +47,9 @@ def _walk(model: BaseModel, prefix: str, from_spec: bool) -> list[Setting]:
 def grad_accum(spec: Spec) -> int:
     """Accumulation steps: explicit, or derived so examples per step stay as the spec says."""
     if spec.train.examples_per_step is None:
-        return spec.train.grad_accum
-    return int(spec.train.examples_per_step) // (spec.train.batch_size * max(spec.runtime.gpus, 1))
+        return int(spec.train.grad_accum)
+    per_pass = int(spec.train.batch_size) * max(int(spec.runtime.gpus), 1)
+    return int(spec.train.examples_per_step) // per_pass
 
 
 def derived(spec: Spec) -> list[Setting]:
