@@ -8,8 +8,10 @@ choice, so the CLI can print it as `FILE:LINE:COL: runtime.cuda: ...`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from qlc.compiler.compat import CompatTable, ImageRow, TorchBuild, load_table
+from qlc.compiler.explain import grad_accum
 from qlc.compiler.plan import BaseImage, LockRef, Plan, Stack
 from qlc.compiler.spec import Runtime, Spec
 
@@ -162,6 +164,13 @@ def _min_driver(runtime: Runtime, cuda: str, table: CompatTable) -> str:
     return str(floor.min_driver)
 
 
+def _effective(spec: Spec) -> dict[str, Any]:
+    """The spec as the script runs it: derived values (grad_accum) filled in."""
+    effective = spec.model_dump(mode="json")
+    effective["train"]["grad_accum"] = grad_accum(spec)
+    return effective
+
+
 def resolve(
     spec: Spec,
     *,
@@ -188,7 +197,7 @@ def resolve(
         qlc_version=qlc_version,
         spec_name=spec_name,
         spec_sha256=spec_sha256,
-        spec=spec.model_dump(mode="json"),
+        spec=_effective(spec),
         base_image=BaseImage(
             repository=image.repository,
             tag=image.tag,
