@@ -166,7 +166,7 @@ def _min_driver(runtime: Runtime, cuda: str, table: CompatTable) -> str:
 
 def _effective(spec: Spec) -> dict[str, Any]:
     """The spec as the script runs it: derived values (grad_accum) filled in."""
-    effective = spec.model_dump(mode="json")
+    effective: dict[str, Any] = spec.model_dump(mode="json")
     effective["train"]["grad_accum"] = grad_accum(spec)
     return effective
 
