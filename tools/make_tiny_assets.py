@@ -7,7 +7,7 @@ What it writes, deterministically (same bytes on every run with the pinned stack
 - specs/tiny/data.jsonl: the 64 shortest rows of guanaco-llama2-1k (Apache-2.0), field `text`,
   already in the Llama 2 chat form `<s>[INST] ... [/INST] ... </s>`.
 - specs/tiny/model/: a random-weight LlamaForCausalLM (hidden 64, 2 layers, 4 heads,
-  intermediate 128, float32 safetensors) and a byte-level BPE tokenizer of 1,024 entries trained
+  intermediate 128, init std 0.15, float32 safetensors) and a byte-level BPE tokenizer of 1,024 entries trained
   on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`, has `<unk>` and no pad
   token (the training script picks one) and a Llama-2-style chat template.
 - specs/chat/data.jsonl and specs/instruction/data.jsonl: small hand-written examples.
@@ -155,6 +155,9 @@ def build_model(vocab_size: int, out: Path) -> None:
         eos_token_id=2,
         pad_token_id=None,
         tie_word_embeddings=False,
+        # Wider than Llama's 0.02 so that LoRA on a random model can move the loss visibly
+        # within a few steps (at 0.02 the logits are nearly uniform and hard to shift).
+        initializer_range=0.15,
     )
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
