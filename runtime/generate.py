@@ -1,0 +1,311 @@
+"""Generate with a run's adapter: verified inputs, prompts rendered exactly as training did.
+
+`open_run` checks everything a later step would otherwise trust: the manifest says the run
+succeeded, every adapter file matches its sha256 in the manifest's subjects, the plan matches
+the manifest's plan_sha256, and the base model is the one training saw (local files with the
+recorded sha256 each, or the hub id at the recorded revision).
+
+Prompts go through the training script's own code: the plan renders train.py (pure, as
+`qlc compile` does) and its render functions and BOS rule are used here, so a prompt is
+tokenized the way the training examples were (same template, same special tokens, one BOS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+DOC_FILES = ("README.md", "loss.svg")  # may be written after the manifest hashed the adapter
+STATE_CONTEXTS = Path(".qlc") / "contexts"
+
+
+class RunInputError(Exception):
+    """A run directory, manifest or base model that cannot be trusted or used (a user error)."""
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    source: str  # local directory or hub id
+    revision: str | None
+    local: bool
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    run_dir: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    plan: dict[str, Any]
+    adapter_dir: Path
+    base: BaseModelRef
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.plan["spec"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_dir(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file, as the training script records a model."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def read_manifest(run: Path) -> tuple[Path, dict[str, Any], str]:
+    path = run if run.suffix == ".json" else run / MANIFEST
+    if not path.is_file():
+        raise RunInputError(f"{path}: no manifest; pass a run directory or its manifest.json")
+    data = path.read_bytes()
+    try:
+        manifest = json.loads(data)
+        predicate = manifest["predicate"]
+    except (ValueError, KeyError, TypeError):
+        raise RunInputError(
+            f"{path}: not a qlc manifest (unreadable JSON or no predicate)"
+        ) from None
+    if predicate.get("status") != "succeeded":
+        raise RunInputError(
+            f"{path}: the run's status is {predicate.get('status')!r}, not 'succeeded': "
+            "it has no final adapter to use"
+        )
+    return path.parent, manifest, hashlib.sha256(data).hexdigest()
+
+
+def verify_adapter(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The adapter directory, once every file matches the manifest's subjects."""
+    adapter = run_dir / "adapter"
+    missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
+    if missing:
+        raise RunInputError(f"{adapter}: no adapter here ({', '.join(missing)} missing)")
+    subjects = {s["name"]: s["digest"]["sha256"] for s in manifest.get("subject", [])}
+    for name in ADAPTER_FILES:
+        if f"adapter/{name}" not in subjects:
+            raise RunInputError(f"{run_dir / MANIFEST}: its subjects do not list adapter/{name}")
+    for name, expected in subjects.items():
+        path = run_dir / name
+        if not path.is_file():
+            raise RunInputError(f"{path}: listed in the manifest but missing")
+        if sha256_file(path) != expected:
+            raise RunInputError(
+                f"{path}: sha256 differs from the manifest's subject: the adapter was "
+                "changed after the run (or the manifest belongs to another run)"
+            )
+    for path in sorted(adapter.rglob("*")):
+        name = path.relative_to(run_dir).as_posix()
+        if path.is_file() and name not in subjects and path.name not in DOC_FILES:
+            raise RunInputError(f"{path}: not in the manifest's subjects; remove it")
+    return adapter
+
+
+def find_plan(run_dir: Path, expected_sha256: str) -> dict[str, Any]:
+    """plan.json beside the run, or the build context of this project that holds it."""
+    candidates = [run_dir / PLAN, *sorted(STATE_CONTEXTS.glob(f"*/{PLAN}"))]
+    for path in candidates:
+        if path.is_file() and sha256_file(path) == expected_sha256:
+            return json.loads(path.read_bytes())
+    raise RunInputError(
+        f"{run_dir}: no plan.json with the manifest's plan_sha256 {expected_sha256[:12]}... "
+        f"(looked in {run_dir / PLAN} and {STATE_CONTEXTS}/*/): copy the run's build "
+        "context's plan.json into the run directory"
+    )
+
+
+def check_model_files(path: Path, recorded: dict[str, str]) -> None:
+    if not path.is_dir():
+        raise RunInputError(f"base model directory {path} is missing: pass --model PATH")
+    found = hash_dir(path)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            raise RunInputError(f"base model {path}: {name} is missing (the run used it)")
+        if name not in recorded:
+            raise RunInputError(f"base model {path}: {name} was not part of the run's model")
+        if found[name] != recorded[name]:
+            raise RunInputError(
+                f"base model {path}: {name} differs from the file the run trained on "
+                f"(sha256 {found[name][:12]}... != recorded {recorded[name][:12]}...)"
+            )
+
+
+def recorded_model_dir(run_dir: Path, model: dict[str, Any]) -> Path:
+    """Where the run's local model is now: its recorded path, or the run's own smoke model."""
+    if not model.get("path"):
+        raise RunInputError(f"{run_dir / MANIFEST}: records no model path: pass --model PATH")
+    recorded, smoke_model = Path(model["path"]), run_dir / "smoke-model"
+    if not recorded.is_dir() and smoke_model.is_dir():  # the container's /out/smoke-model
+        return smoke_model
+    return recorded
+
+
+def resolve_base(run_dir: Path, manifest: dict[str, Any], override: Path | None) -> BaseModelRef:
+    model = manifest["predicate"].get("inputs", {}).get("model", {})
+    recorded = model.get("files") or {}
+    if not recorded:  # a hub model, pinned by its revision
+        if override is not None:
+            raise RunInputError(
+                f"the run loaded {model.get('id')!r} from the hub and recorded no file hashes "
+                f"to check {override} against: leave out --model"
+            )
+        if not model.get("id"):
+            raise RunInputError(f"{run_dir / MANIFEST}: records neither model files nor a hub id")
+        return BaseModelRef(model["id"], model.get("revision"), local=False)
+    path = override or recorded_model_dir(run_dir, model)
+    check_model_files(path, recorded)
+    return BaseModelRef(str(path), None, local=True)
+
+
+def open_run(run: Path, base_model_path: Path | None = None) -> RunInputs:
+    """Read and verify a run (directory or manifest path); raise RunInputError if untrusted."""
+    run_dir, manifest, manifest_sha = read_manifest(Path(run))
+    adapter = verify_adapter(run_dir, manifest)
+    plan = find_plan(run_dir, manifest["predicate"].get("plan_sha256") or "")
+    base = resolve_base(run_dir, manifest, base_model_path)
+    return RunInputs(run_dir, manifest, manifest_sha, plan, adapter, base)
+
+
+def training_script(plan: dict[str, Any]) -> types.ModuleType:
+    """The run's train.py, rendered from its plan and loaded as a module (nothing runs)."""
+    from qlc.compiler.plan import Plan
+    from qlc.compiler.render import render_files
+
+    source = render_files(Plan.model_validate(plan), b"", None)["train.py"].decode()
+    module = types.ModuleType("qlc_run_train_script")
+    module.__file__ = "train.py"
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    try:
+        exec(compile(source, "train.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module
+
+
+def render_prompt(
+    script: types.ModuleType, spec: dict[str, Any], prompt: str, tokenizer: Any
+) -> str:
+    """The text a generation starts from, as training rendered the prompt part of an example."""
+    data = spec["data"]
+    if data["format"] == "text":
+        return prompt
+    if data["format"] == "instruction":
+        row = {data["prompt_field"]: prompt, data["response_field"]: ""}
+        return script.render_instruction(row, data, 0).prompt
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    return script.render_chat({data["messages_field"]: messages}, data, 0, tokenizer).prompt
+
+
+def encode(prompt: str, tokenizer: Any) -> dict[str, Any]:
+    """Token ids as training made them: special tokens added, a doubled BOS dropped, no EOS."""
+    import torch
+
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+        ids = ids[1:]  # the text starts with BOS and the tokenizer added another
+    if len(ids) > 1 and ids[-1] == eos and not prompt.endswith(str(tokenizer.eos_token)):
+        ids = ids[:-1]  # a tokenizer that appends EOS would end the answer before it starts
+    input_ids = torch.tensor([ids])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def load_tokenizer(inputs: RunInputs) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs.adapter_dir))  # saved by training
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(inputs: RunInputs, script: types.ModuleType, *, quantized: bool, dtype: Any) -> Any:
+    """The base model (4-bit as the run's plan says, or full weights in dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = inputs.spec
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {}
+    if quantized and spec["quantization"]["load_in_4bit"]:
+        quant_spec = spec if cuda else script.smoke_spec(spec, cuda=False)  # CPU: float32 compute
+        kwargs["quantization_config"] = script.bnb_config(quant_spec)
+        dtype = script.torch_dtype(quant_spec["quantization"]["compute_dtype"])
+    return AutoModelForCausalLM.from_pretrained(
+        inputs.base.source,
+        revision=inputs.base.revision,
+        token=os.environ.get("HF_TOKEN") or None,
+        trust_remote_code=spec["model"]["trust_remote_code"],
+        dtype=dtype,
+        device_map={"": 0} if cuda else None,
+        **kwargs,
+    ).eval()
+
+
+def with_adapter(model: Any, inputs: RunInputs) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(inputs.adapter_dir), is_trainable=False).eval()
+
+
+def generate(
+    run: Path,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    base_model_path: Path | None = None,
+    use_adapter: bool = True,
+) -> list[str]:
+    """Completions of `prompts` by the run's base model plus adapter (or the base alone).
+
+    temperature 0 decodes greedily; above 0 it samples, seeded per prompt with `seed` (default:
+    the run's job.seed), so the same call gives the same text on the same machine.
+    """
+    import torch
+
+    if max_new_tokens < 1:
+        raise RunInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise RunInputError(f"temperature must be 0 (greedy) or more (got {temperature})")
+    inputs = open_run(run, base_model_path)
+    script = training_script(inputs.plan)
+    tokenizer = load_tokenizer(inputs)
+    model = load_model(inputs, script, quantized=True, dtype=None)
+    if use_adapter:
+        model = with_adapter(model, inputs)
+    seed = inputs.spec["job"]["seed"] if seed is None else seed
+    sampling = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
+    answers = []
+    for prompt in prompts:
+        enc = {
+            k: v.to(model.device)
+            for k, v in encode(
+                render_prompt(script, inputs.spec, prompt, tokenizer), tokenizer
+            ).items()
+        }
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new = ids[0, enc["input_ids"].shape[1] :]
+        answers.append(tokenizer.decode(new, skip_special_tokens=True))
+    return answers
