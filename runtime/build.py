@@ -137,7 +137,7 @@ def build(
     """Build (or find in the cache) the image of a spec; record it and return the record."""
     started = time.monotonic()
     project = (project_dir or Path.cwd()).resolve()
-    console = console or Console(stderr=True, highlight=False)
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     compiled = compile_for_build(spec_path, project, require_lock)
     context = compiled.context
     for warning in context.warnings:

@@ -74,6 +74,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; records are for everyone
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -158,6 +159,12 @@ def record_push(project_dir: Path, job: str, pushed_ref: str, registry_digest: s
         if last.is_file() and read_json(last, "build record").get("tag") == record.tag:
             write_json_atomic(last, updated.model_dump(mode="json"))
         return updated
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,252 @@
+"""The run's manifest after the process ends: add the host's view, check, report.
+
+The training script writes manifest.json itself (status "running" at start, the final one
+last). After the container or process exits the runtime reads it back, adds `predicate.host`
+(how it ended, exit code, OOM kill, image, timings), re-hashes every subject against the
+files, turns a manifest still saying "running" into "failed" or "interrupted" with no
+subjects, writes it atomically, and records the sha256 of the final bytes beside it in
+`manifest.sha256` so a later edit by hand is detected. Then report.md and loss.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlc import __version__
+from qlc.runtime.records import write_json_atomic
+
+MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "urn:qlc:manifest:v1"
+
+
+@dataclass(frozen=True)
+class HostView:
+    mode: str  # "container" | "local"
+    exit_code: int | None
+    oom_killed: bool
+    ended: str  # exited | oom-killed | interrupted | lost | not-started
+    image_id: str | None
+    image_tag: str | None
+    base_image: str | None
+    base_image_id: str | None
+    started_at: str
+    finished_at: str
+    duration_s: float
+    user: str | None
+    network: str | None
+    gpus_requested: int
+    read_only_inputs: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class FinalManifest:
+    path: Path
+    status: str
+    data: dict[str, Any]
+    problems: list[str]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest as written, or None when missing, unreadable or not a qlc statement."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("predicate"), dict):
+        return None
+    return data
+
+
+def check_subjects(run_dir: Path, data: dict[str, Any]) -> list[str]:
+    """Each subject's sha256 against the file in the run directory."""
+    problems = []
+    for subject in data.get("subject") or []:
+        name = str(subject.get("name", ""))
+        expected = (subject.get("digest") or {}).get("sha256")
+        path = (run_dir / name).resolve()
+        if not path.is_relative_to(run_dir.resolve()) or not path.is_file():
+            problems.append(f"subject {name}: no such file in {run_dir}")
+        elif sha256_file(path) != expected:
+            problems.append(f"subject {name}: sha256 differs from the file's")
+    return problems
+
+
+def finalize(run_dir: Path, host: HostView) -> FinalManifest:
+    """Read what the script wrote, make it truthful, add the host view, write it last."""
+    path = run_dir / MANIFEST
+    data = read_manifest(path) or placeholder(host)
+    predicate = data["predicate"]
+    problems: list[str] = []
+    status = str(predicate.get("status") or "failed")
+    if status == "running" or (status == "succeeded" and host.ended != "exited"):
+        status = "interrupted" if host.ended == "interrupted" else "failed"
+        predicate["error"] = predicate.get("error") or (
+            f"the training process ended ({ending(host)}) before writing its final manifest"
+        )
+    elif status == "succeeded" and host.exit_code not in (0, None):
+        status = "failed"
+        predicate["error"] = f"exit status {host.exit_code} after the script reported success"
+    if status == "succeeded":
+        problems = check_subjects(run_dir, data)
+        if not data.get("subject"):
+            problems.append("a succeeded run lists no adapter files")
+        if problems:
+            status = "failed"
+            predicate["error"] = "; ".join(problems)
+    if status != "succeeded":
+        data["subject"] = []  # never claim an adapter of a run that did not finish
+    predicate["status"] = status
+    predicate["host"] = {**asdict(host), "qlc_version": __version__, "problems": problems}
+    write_json_atomic(path, data)
+    (run_dir / MANIFEST_DIGEST).write_text(f"{sha256_file(path)}  {MANIFEST}\n")
+    final = FinalManifest(path=path, status=status, data=data, problems=problems)
+    write_report(run_dir, final)
+    return final
+
+
+def placeholder(host: HostView) -> dict[str, Any]:
+    """A manifest for a run whose script never wrote one (it did not start, or died early)."""
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "status": "failed",
+            "qlc_version": __version__,
+            "image": {"id": host.image_id, "digest": None, "base": host.base_image},
+            "error": f"no manifest from the training script ({ending(host)})",
+        },
+    }
+
+
+def ending(host: HostView) -> str:
+    if host.oom_killed:
+        return "killed for lack of memory"
+    if host.ended == "interrupted":
+        return "interrupted"
+    if host.ended in ("lost", "not-started"):
+        return host.detail.splitlines()[0] if host.detail else host.ended
+    return f"exit status {host.exit_code}"
+
+
+def manifest_edited(run_dir: Path) -> str | None:
+    """Why the manifest no longer matches what the runtime wrote, or None when it does."""
+    digest_file, path = run_dir / MANIFEST_DIGEST, run_dir / MANIFEST
+    if not path.is_file():
+        return f"{path}: no manifest"
+    if not digest_file.is_file():
+        return f"{digest_file}: missing, so the manifest cannot be checked"
+    recorded = digest_file.read_text().split()[0] if digest_file.read_text().split() else ""
+    if recorded != sha256_file(path):
+        return f"{path} was changed after the run (its sha256 differs from {MANIFEST_DIGEST})"
+    return None
+
+
+def losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) of training and of evaluation from metrics.jsonl."""
+    train, evaluation = [], []
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        if isinstance(record.get("loss"), int | float) and record.get("event", "train") == "train":
+            train.append((record["step"], float(record["loss"])))
+        if isinstance(record.get("eval_loss"), int | float):
+            evaluation.append((record["step"], float(record["eval_loss"])))
+    return train, evaluation
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    train, evaluation = losses(run_dir)
+    if not train and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if evaluation:
+        axes.plot(*zip(*evaluation, strict=True), marker="o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    target = run_dir / "loss.png"
+    figure.savefig(target, metadata={"Software": None})
+    pyplot.close(figure)
+    return target
+
+
+def write_report(run_dir: Path, final: FinalManifest) -> Path:
+    predicate = final.data["predicate"]
+    host = predicate.get("host", {})
+    plot = plot_losses(run_dir)
+    lines = [
+        f"# qlc run: {(predicate.get('spec') or {}).get('name', '?')}",
+        "",
+        f"- status: **{final.status}** ({ending_text(host)})",
+        f"- error: {predicate.get('error')}" if predicate.get("error") else "",
+        f"- duration: {host.get('duration_s')} s, {host.get('started_at')} to "
+        f"{host.get('finished_at')}",
+        f"- image: {host.get('image_tag')} ({host.get('image_id')}), base {host.get('base_image')}",
+        f"- spec sha256: {(predicate.get('spec') or {}).get('sha256')}",
+        f"- lock sha256: {predicate.get('lock_sha256')}",
+        "",
+        "## Metrics",
+        "",
+        *table(predicate.get("metrics") or {}),
+        "",
+        "## Adapter files",
+        "",
+        *(
+            [f"- `{s['name']}` sha256 `{s['digest']['sha256']}`" for s in final.data["subject"]]
+            or ["- none (the run did not succeed)"]
+        ),
+        "",
+        "## Environment observed in the run",
+        "",
+        *table({k: v for k, v in (predicate.get("environment") or {}).items() if k != "packages"}),
+    ]
+    if plot is not None:
+        lines += ["", "## Loss", "", "![loss curve](loss.png)"]
+    target = run_dir / "report.md"
+    target.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    return target
+
+
+def ending_text(host: dict[str, Any]) -> str:
+    code, ended = host.get("exit_code"), host.get("ended")
+    return f"{ended}, exit status {code}" + (", OOM-killed" if host.get("oom_killed") else "")
+
+
+def table(values: dict[str, Any]) -> list[str]:
+    if not values:
+        return ["(none)"]
+    rows = ["| key | value |", "|---|---|"]
+    rows += [f"| {key} | {json.dumps(value)} |" for key, value in sorted(values.items())]
+    return rows

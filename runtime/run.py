@@ -1,0 +1,523 @@
+"""run: the compiled training script in a container (or, with --local, in this Python).
+
+The container gets the spec's GPUs through a DeviceRequest, the run directory read-write at
+/out, local inputs read-only under /inputs, no capabilities, no privilege escalation, a
+non-root user, and no network unless the spec reads from the hub. Secrets named in the spec
+are read from this process's environment at start and handed to the container only; their
+values are masked in everything qlc prints or keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random_tokens
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from qlc.compiler.load import load_spec_file
+from qlc.compiler.spec import Spec
+from qlc.runtime.docker_engine import ContainerRequest, DockerEngine, Engine, EngineError, Mount
+from qlc.runtime.manifest import FinalManifest, HostView, finalize
+from qlc.runtime.progress import RunProgress
+from qlc.runtime.records import BuildRecord, RecordError, last_build, load_build, state_dir
+
+CONTAINER_UID = "10001:10001"  # the user templates/Dockerfile.j2 creates
+STOP_TIMEOUT_S = 30
+
+
+class RunInputError(Exception):
+    """Something the user must fix before a run can start (exit 2)."""
+
+
+class RunFailed(Exception):
+    """The run started and did not succeed (exit 1); `result` says how it ended."""
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    spec: Spec
+    spec_path: Path
+    job: str
+    model_dir: Path | None
+    data_file: Path | None
+    output_root: Path
+    needs_hub: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    status: str
+    ended: str
+    exit_code: int | None
+    oom_killed: bool
+    manifest: FinalManifest
+    log_path: Path
+    message: str = ""
+
+
+@dataclass
+class Outcome:
+    exit_code: int | None
+    ended: str
+    oom_killed: bool = False
+    detail: str = ""
+    tail: list[str] = field(default_factory=list)
+
+
+def resolve_inputs(spec_path: Path) -> RunInputs:
+    """Load the spec and find its local inputs, relative to the spec file."""
+    spec, _ = load_spec_file(spec_path)
+    base = spec_path.resolve().parent
+    model_dir = data_file = None
+    if spec.model.path is not None:
+        model_dir = _local(base, spec.model.path, "model.path", spec_path, want_dir=True)
+    if spec.data.path is not None:
+        data_file = _local(base, spec.data.path, "data.path", spec_path, want_dir=False)
+    if spec.job.output_dir.startswith(("s3://", "gs://", "az://")):
+        raise RunInputError(
+            f"{spec_path}: job.output_dir is {spec.job.output_dir}: qlc run "
+            "writes to a local directory; use `qlc export` for batch services"
+        )
+    tokenizer_from_hub = (
+        spec.model.tokenizer is not None and not (base / spec.model.tokenizer).exists()
+    )
+    return RunInputs(
+        spec=spec,
+        spec_path=spec_path.resolve(),
+        job=spec.job.name,
+        model_dir=model_dir,
+        data_file=data_file,
+        output_root=base / spec.job.output_dir / spec.job.name,
+        needs_hub=spec.model.id is not None or spec.data.id is not None or tokenizer_from_hub,
+    )
+
+
+def _local(base: Path, value: str, key: str, spec_path: Path, want_dir: bool) -> Path:
+    path = (base / value).resolve()
+    ok = path.is_dir() if want_dir else path.is_file()
+    if not ok:
+        kind = "directory" if want_dir else "file"
+        raise RunInputError(f"{spec_path}: {key} = {value!r}: no such {kind} ({path})")
+    return path
+
+
+def new_run_dir(output_root: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = output_root / f"{stamp}-{random_tokens.token_hex(3)}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def secret_values(spec: Spec, environ: Mapping[str, str]) -> dict[str, str]:
+    """The spec's secrets present in the environment (the others are reported missing)."""
+    return {name: environ[name] for name in spec.runtime.secrets if environ.get(name)}
+
+
+def redactor(values: Mapping[str, str]) -> Callable[[str], str]:
+    hidden = sorted((v for v in values.values() if len(v) >= 4), key=len, reverse=True)
+
+    def redact(line: str) -> str:
+        for value in hidden:
+            line = line.replace(value, "***")
+        return line
+
+    return redact
+
+
+def container_user(image_user: str) -> str:
+    """Run as this host user when not root (files in /out stay theirs), else the image's
+    numeric non-root user."""
+    if os.getuid() != 0:
+        return f"{os.getuid()}:{os.getgid()}"
+    parts = image_user.split(":")
+    if parts[0].isdigit() and parts[0] != "0":
+        return image_user if len(parts) == 2 else f"{parts[0]}:{parts[0]}"
+    return CONTAINER_UID
+
+
+def container_request(
+    record: BuildRecord,
+    inputs: RunInputs,
+    run_dir: Path,
+    user: str,
+    smoke: bool,
+    environ: Mapping[str, str],
+    gpus: int | None = None,
+) -> ContainerRequest:
+    env = dict(inputs.spec.runtime.env)
+    env.update(
+        QLC_OUTPUT_DIR="/out", QLC_IMAGE_ID=record.image_id, QLC_BASE_IMAGE=record.base_image
+    )
+    if record.registry_digest:
+        env["QLC_IMAGE_DIGEST"] = record.registry_digest
+    if smoke:
+        env["QLC_SMOKE"] = "1"
+    if os.getuid() != 0:
+        env["HOME"] = "/tmp"
+    mounts = [Mount(str(run_dir), "/out", read_only=False)]
+    if inputs.model_dir is not None:
+        mounts.append(Mount(str(inputs.model_dir), "/inputs/model"))
+        env["QLC_MODEL_PATH"] = "/inputs/model"
+    if inputs.data_file is not None:
+        target = f"/inputs/data/{inputs.data_file.name}"
+        mounts.append(Mount(str(inputs.data_file), target))
+        env["QLC_DATA_PATH"] = target
+    env.update(secret_values(inputs.spec, environ))
+    requested = inputs.spec.runtime.gpus if gpus is None else gpus
+    return ContainerRequest(
+        image=record.image_id,
+        environment=env,
+        mounts=tuple(mounts),
+        gpus=0 if smoke and gpus is None else requested,
+        shm_size=inputs.spec.runtime.shm_size,
+        network="bridge" if inputs.needs_hub else "none",
+        user=user,
+        labels={"qlc.job": inputs.job, "qlc.run-dir": str(run_dir)},
+        tmpfs={"/tmp": "rw,size=2g"},
+    )
+
+
+def run_container(
+    record: BuildRecord,
+    inputs: RunInputs,
+    *,
+    smoke: bool = False,
+    run_dir: Path | None = None,
+    engine: Engine | None = None,
+    console: Console | None = None,
+    environ: Mapping[str, str] | None = None,
+    gpus: int | None = None,
+) -> RunResult:
+    """Run a built image for a spec; write the final manifest and report; raise RunFailed."""
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    environ = os.environ if environ is None else environ
+    engine = engine or DockerEngine()
+    engine.ping()
+    image = engine.find_image(record.image_id)
+    if image is None:
+        raise RunInputError(
+            f"image {record.tag} ({record.image_id[:19]}) is not in the "
+            f"daemon at {engine.endpoint}: run `qlc build {record.spec_path}`"
+        )
+    _warn_missing_secrets(inputs.spec, environ, console)
+    blocked = unreadable_inputs(inputs, container_user(image.user))
+    if blocked:
+        raise RunInputError(
+            f"the container's user ({container_user(image.user)}) cannot read "
+            f"{len(blocked)} input files (mounted read-only), e.g. {blocked[0]}: make them "
+            "readable (`chmod -R a+rX` on the model folder / data file) or run qlc as their "
+            "owner"
+        )
+    run_dir = _prepare_run_dir(run_dir or new_run_dir(inputs.output_root), image.user)
+    user = container_user(image.user)
+    request = container_request(record, inputs, run_dir, user, smoke, environ, gpus)
+    redact = redactor(secret_values(inputs.spec, environ))
+    log_path = run_dir / "run.log"
+    started, clock = _now(), time.monotonic()
+    console.print(f"run {inputs.job}: {record.tag} -> {run_dir}", markup=False)
+    outcome = _supervise(engine, request, log_path, redact, console, inputs.job)
+    host = HostView(
+        mode="container",
+        exit_code=outcome.exit_code,
+        oom_killed=outcome.oom_killed,
+        ended=outcome.ended,
+        image_id=record.image_id,
+        image_tag=record.tag,
+        base_image=record.base_image,
+        base_image_id=record.base_image_id,
+        started_at=started,
+        finished_at=_now(),
+        duration_s=round(time.monotonic() - clock, 3),
+        user=user,
+        network=request.network,
+        gpus_requested=request.gpus,
+        read_only_inputs=[m.target for m in request.mounts if m.read_only],
+        detail=outcome.detail,
+    )
+    return conclude(run_dir, host, log_path, outcome, redact)
+
+
+def unreadable_inputs(inputs: RunInputs, user: str) -> list[str]:
+    """Input files the container's user could not read (only checkable when we are root;
+    otherwise the container runs as this user, who can read what they can read)."""
+    if os.getuid() != 0:
+        return []
+    uid, gid = (int(part) for part in user.split(":"))
+    paths: list[Path] = []
+    for root in (inputs.model_dir, inputs.data_file):
+        if root is not None:
+            paths += [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+    return [str(p) for p in paths if not _readable(p, uid, gid)]
+
+
+def _readable(path: Path, uid: int, gid: int) -> bool:
+    info = path.stat()
+    need = 0o5 if path.is_dir() else 0o4
+    if info.st_uid == uid:
+        return (info.st_mode >> 6) & need == need
+    if info.st_gid == gid:
+        return (info.st_mode >> 3) & need == need
+    return info.st_mode & need == need
+
+
+def _prepare_run_dir(run_dir: Path, image_user: str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0:  # the container user must be able to write /out
+        uid, gid = (int(part) for part in container_user(image_user).split(":"))
+        os.chown(run_dir, uid, gid)
+    return run_dir
+
+
+def _supervise(
+    engine: Engine,
+    request: ContainerRequest,
+    log_path: Path,
+    redact: Callable[[str], str],
+    console: Console,
+    title: str,
+) -> Outcome:
+    container_id = engine.create(request)
+    try:
+        try:
+            engine.start(container_id)
+        except EngineError as error:
+            return Outcome(None, "not-started", detail=_start_hint(str(error), request.gpus))
+        tail, ended = _stream(
+            engine.logs(container_id),
+            log_path,
+            redact,
+            console,
+            title,
+            on_interrupt=lambda: _stop(engine, container_id, console),
+        )
+        code = engine.wait(container_id)
+        state = engine.state(container_id)
+        if ended != "interrupted":
+            ended = "oom-killed" if state.oom_killed else "exited"
+        return Outcome(code, ended, state.oom_killed, state.error, tail)
+    except EngineError as error:
+        return Outcome(None, "lost", detail=f"lost the container: {error}")
+    except Exception as error:  # the daemon went away mid-run (connection reset, timeout)
+        return Outcome(None, "lost", detail=f"lost contact with the Docker daemon: {error}")
+    finally:
+        try:
+            engine.remove(container_id)
+        except Exception as error:  # report, but keep the run's outcome
+            console.print(
+                f"warning: could not remove container {container_id[:12]}: {error}", markup=False
+            )
+
+
+def _stream(
+    lines: Iterator[str],
+    log_path: Path,
+    redact: Callable[[str], str],
+    console: Console,
+    title: str,
+    on_interrupt: Callable[[], None],
+) -> tuple[list[str], str]:
+    """Copy log lines to the run log and the display; Ctrl-C stops the run cleanly."""
+    tail: list[str] = []
+    ended = "exited"
+    with log_path.open("a", encoding="utf-8") as log, RunProgress(console, title) as bar:
+        while True:
+            try:
+                for raw in lines:
+                    line = redact(raw)
+                    log.write(line + "\n")
+                    log.flush()
+                    tail = [*tail[-39:], line]
+                    bar.feed(line)
+                return tail, ended
+            except KeyboardInterrupt:
+                ended = "interrupted"
+                on_interrupt()
+
+
+def _stop(engine: Engine, container_id: str, console: Console) -> None:
+    console.print(
+        f"interrupted: stopping the container (up to {STOP_TIMEOUT_S}s; the run "
+        "records itself as interrupted; Ctrl-C again kills it)",
+        markup=False,
+    )
+    try:
+        engine.stop(container_id, STOP_TIMEOUT_S)
+    except KeyboardInterrupt:
+        engine.kill(container_id)
+
+
+def _start_hint(error: str, gpus: int) -> str:
+    if gpus and ("device driver" in error or "gpu" in error.lower()):
+        return (
+            f"{error}\nfix: this daemon cannot pass GPUs through: install the NVIDIA "
+            "Container Toolkit, or run the smoke mode (`qlc run --smoke`), or set "
+            "runtime.gpus = 0"
+        )
+    return error
+
+
+def conclude(
+    run_dir: Path, host: HostView, log_path: Path, outcome: Outcome, redact: Callable[[str], str]
+) -> RunResult:
+    final = finalize(run_dir, host)
+    result = RunResult(
+        run_dir=run_dir,
+        status=final.status,
+        ended=host.ended,
+        exit_code=host.exit_code,
+        oom_killed=host.oom_killed,
+        manifest=final,
+        log_path=log_path,
+    )
+    if final.status == "succeeded" and not final.problems:
+        return result
+    message = redact(explain_outcome(outcome, final, run_dir))
+    raise RunFailed(message, result)
+
+
+def explain_outcome(outcome: Outcome, final: FinalManifest, run_dir: Path) -> str:
+    tail = "\n".join(outcome.tail[-12:])
+    where = f"run directory: {run_dir} (full log: run.log, manifest: manifest.json)"
+    if outcome.ended == "not-started":
+        return f"the container did not start: {outcome.detail}\n{where}"
+    if outcome.ended == "lost":
+        return f"{outcome.detail}\nthe run is recorded as {final.status}\n{where}"
+    if outcome.oom_killed:
+        return (
+            "the container was killed for lack of memory (OOM)\nfix: lower "
+            'train.batch_size or data.max_length, set train.memory = "lean", or give '
+            f"the container more memory\n{where}"
+        )
+    if outcome.ended == "interrupted":
+        return f"interrupted: the run stopped and is recorded as {final.status}\n{where}"
+    if final.problems:
+        return (
+            "the run's manifest does not check out:\n  "
+            + "\n  ".join(final.problems)
+            + (f"\n{where}")
+        )
+    code = outcome.exit_code
+    cause = {
+        137: "killed (SIGKILL: out of memory on the host, `docker kill`, or the "
+        "process was killed)",
+        143: "terminated (SIGTERM)",
+        130: "interrupted (SIGINT)",
+        2: "the training script reported a problem to fix",
+    }.get(code or 0, "failed")
+    return f"the training process exited with status {code}: {cause}\nlast lines:\n{tail}\n{where}"
+
+
+def _warn_missing_secrets(spec: Spec, environ: Mapping[str, str], console: Console) -> None:
+    for name in spec.runtime.secrets:
+        if not environ.get(name):
+            console.print(
+                f"warning: secret {name} is not set in this environment: the run goes without it",
+                markup=False,
+            )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run: a spec (built first, usually a cache hit), an image, or the last build.
+
+
+def run(
+    target: str | None = None,
+    *,
+    local: bool = False,
+    smoke: bool = False,
+    base_image: str | None = None,
+    project_dir: Path | None = None,
+    run_dir: Path | None = None,
+    engine: Engine | None = None,
+    console: Console | None = None,
+    environ: Mapping[str, str] | None = None,
+    gpus: int | None = None,
+) -> RunResult:
+    """`qlc run [SPEC|IMAGE]`: raise RunInputError (exit 2) or RunFailed (exit 1)."""
+    project = (project_dir or Path.cwd()).resolve()
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    if local:
+        spec_path = _local_spec(target, project)
+        from qlc.runtime.run_local import run_local
+
+        return run_local(
+            resolve_inputs(spec_path),
+            project,
+            smoke=smoke,
+            run_dir=run_dir,
+            console=console,
+            environ=environ,
+        )
+    engine = engine or DockerEngine()
+    record = resolve_target(target, project, base_image, engine, console)
+    inputs = resolve_inputs(Path(record.spec_path))
+    return run_container(
+        record,
+        inputs,
+        smoke=smoke,
+        run_dir=run_dir,
+        engine=engine,
+        console=console,
+        environ=environ,
+        gpus=gpus,
+    )
+
+
+def resolve_target(
+    target: str | None, project: Path, base_image: str | None, engine: Engine, console: Console
+) -> BuildRecord:
+    from qlc.runtime.build import build
+
+    if target is None:
+        try:
+            return last_build(project)
+        except RecordError as error:
+            raise RunInputError(str(error)) from None
+    if target.endswith(".toml") or Path(target).is_file():
+        if not Path(target).is_file():
+            raise RunInputError(f"{target}: no such spec file")
+        return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
+    image = engine.find_image(target)
+    record = find_record_for_image(project, image.id) if image is not None else None
+    if record is None:
+        raise RunInputError(
+            f"{target}: not a spec file, and no image built in {project} "
+            "has that name: run `qlc run SPEC` (it builds first)"
+        )
+    return record
+
+
+def find_record_for_image(project: Path, image_id: str) -> BuildRecord | None:
+    for path in sorted((state_dir(project) / "builds").glob("*.json")):
+        try:
+            record = load_build(path)
+        except RecordError:
+            continue
+        if record.image_id == image_id:
+            return record
+    return None
+
+
+def _local_spec(target: str | None, project: Path) -> Path:
+    if target is None:
+        try:
+            return Path(last_build(project).spec_path)
+        except RecordError as error:
+            raise RunInputError(str(error)) from None
+    if not Path(target).is_file():
+        raise RunInputError(f"{target}: --local runs a spec file (no such file)")
+    return Path(target)
