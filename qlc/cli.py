@@ -169,6 +169,107 @@ def lock_command(
     out.print(f"{path}: locked; commit it beside {spec}", markup=False)
 
 
+RunArg = Annotated[Path, typer.Argument(help="A run directory or its manifest.json.")]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option("--model", help="Local base model directory (its files must match the run's)."),
+]
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    """--prompt values, then the file's: one per line, or a .jsonl of strings / {"prompt": ...}."""
+    found = list(prompts)
+    if prompts_file is not None:
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{prompts_file}: cannot read the prompts: {error}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if prompts_file.suffix != ".jsonl":
+                found.append(line)
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise UserError(f"{prompts_file}:{number}: not a JSON line") from None
+            prompt = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(prompt, str):
+                raise UserError(f'{prompts_file}:{number}: expected a string or {{"prompt": ...}}')
+            found.append(prompt)
+    if not found:
+        raise UserError("no prompt: pass --prompt TEXT or --prompts FILE")
+    return found
+
+
+@app.command(name="generate")
+def generate_command(
+    run: RunArg,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="A prompt (repeat for several).")
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Prompts, one per line (or .jsonl strings/objects)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0: greedy; above 0: sampling.")
+    ] = 0.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Sampling seed (default: the run's seed).")
+    ] = None,
+    model: ModelOption = None,
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="The base model alone, for comparison.")
+    ] = False,
+) -> None:
+    """Generate with a run's base model + adapter, prompts rendered as training rendered them."""
+    from qlc.runtime.generate import RunInputError, generate
+
+    prompts = read_prompts(prompt or [], prompts_file)
+    try:
+        answers = generate(
+            run, prompts, max_new_tokens, temperature, seed, model, use_adapter=not no_adapter
+        )
+    except RunInputError as error:
+        raise UserError(str(error)) from None
+    except OSError as error:
+        raise RunFailure(f"cannot load the model: {error}") from None
+    for index, (asked, answer) in enumerate(zip(prompts, answers, strict=True)):
+        if len(prompts) > 1:
+            out.print(f"--- prompt {index + 1}: {asked}", markup=False)
+        out.print(answer, markup=False)
+
+
+@app.command(name="merge")
+def merge_command(
+    run: RunArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 or fp16 weights.")] = "bf16",
+    model: ModelOption = None,
+) -> None:
+    """Merge a run's adapter into its base (bf16/fp16), verify the logits, write merge.json."""
+    from qlc.runtime.generate import RunInputError
+    from qlc.runtime.merge import MergeVerificationError, merge
+
+    try:
+        record = merge(run, output, dtype, model)
+    except RunInputError as error:
+        raise UserError(str(error)) from None
+    except MergeVerificationError as error:
+        raise RunFailure(str(error)) from None
+    except OSError as error:
+        raise RunFailure(f"cannot load or write the model: {error}") from None
+    out.print(
+        f"{output}: merged in {record.dtype}; logits max |diff| {record.max_abs_diff:.3g} "
+        f"<= {record.tolerance['bound']:.3g} on {record.prompts} prompts (adapter effect "
+        f"{record.adapter_effect_max_abs:.3g}); record in {output / 'merge.json'}",
+        markup=False,
+    )
+
+
 @app.command()
 def version() -> None:
     """Print qlc's version."""
