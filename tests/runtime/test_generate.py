@@ -1,0 +1,211 @@
+"""qlc generate: a real tiny run, its adapter changes the answer, untrusted inputs are refused.
+
+One run per module: the tiny spec with a high learning rate for a few steps, so the adapter
+visibly moves the model. The training script is compiled and run as `qlc compile` + `python
+train.py` would (CPU, 4-bit through bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from qlc import cli
+from qlc.compiler.context import compile_spec
+from qlc.runtime.generate import encode, render_prompt, training_script
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "specs" / "tiny"
+PROMPT = "<s>[INST] What is the capital of France? [/INST]"
+
+
+def tiny_spec(train_overrides: str) -> bytes:
+    """specs/tiny.toml with its [train] section replaced (the lock does not depend on it)."""
+    source = (REPO / "specs" / "tiny.toml").read_text(encoding="utf-8")
+    head, _, rest = source.partition("[train]")
+    tail = rest[rest.index("\n[") :] if "\n[" in rest else ""
+    return (head + "[train]\n" + train_overrides + tail).encode()
+
+
+def train_tiny_run(directory: Path) -> Path:
+    """Compile and run the training script; the run directory, with its plan beside it."""
+    train = 'max_steps = 6\nbatch_size = 4\nlearning_rate = 5e-2\nlr_scheduler = "constant"\n'
+    train += 'optimizer = "adamw_torch"\nlogging_steps = 1\n'
+    lock = (REPO / "specs" / "tiny.lock").read_bytes()
+    context = compile_spec(tiny_spec(train), "specs/tiny.toml", lock)
+    ctx, run = directory / "context", directory / "run"
+    ctx.mkdir(parents=True)
+    for name, data in context.files.items():
+        (ctx / name).write_bytes(data)
+    env = {
+        **os.environ,
+        "QLC_OUTPUT_DIR": str(run),
+        "QLC_MODEL_PATH": str(TINY / "model"),
+        "QLC_DATA_PATH": str(TINY / "data.jsonl"),
+    }
+    done = subprocess.run(
+        [sys.executable, str(ctx / "train.py")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if not (run / "plan.json").exists():  # until train.py keeps its plan in the run dir
+        shutil.copy(ctx / "plan.json", run / "plan.json")
+    return run
+
+
+def call_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `qlc ARGS` in this process through the real entry point (exit-code mapping)."""
+    capsys.readouterr()
+    saved = sys.argv
+    sys.argv = ["qlc", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("generate"))
+
+
+def copy_run(run_dir: Path, target: Path) -> Path:
+    shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    return target
+
+
+@pytest.mark.slow
+def test_adapter_changes_the_answer(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "12"]
+    code, tuned, err = call_cli(args, capsys)
+    assert code == 0, err
+    code, base, err = call_cli([*args, "--no-adapter"], capsys)
+    assert code == 0, err
+    assert tuned.strip() and base.strip()
+    assert tuned != base
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = str(run_dir / "manifest.json")  # the manifest names the run as well
+    args = ["generate", manifest, "--prompt", PROMPT, "--max-new-tokens", "12"]
+    sampled = [*args, "--temperature", "1.5"]
+    first = call_cli([*sampled, "--seed", "1"], capsys)
+    again = call_cli([*sampled, "--seed", "1"], capsys)
+    other = call_cli([*sampled, "--seed", "2"], capsys)
+    assert first[0] == again[0] == other[0] == 0
+    assert first[1] == again[1]
+    assert first[1] != other[1]
+
+
+@pytest.mark.slow
+def test_prompts_file_answers_each(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(PROMPT) + "\n" + json.dumps({"prompt": "Hello"}) + "\n")
+    args = ["generate", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "4"]
+    code, printed, err = call_cli(args, capsys)
+    assert code == 0, err
+    assert re.findall(r"^--- prompt (\d):", printed, re.M) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_prompt_tokens_follow_training(run_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    plan = json.loads((run_dir / "plan.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    script = training_script(plan)
+    ids = encode(render_prompt(script, plan["spec"], PROMPT, tokenizer), tokenizer)["input_ids"]
+    assert ids[0].tolist().count(tokenizer.bos_token_id) == 1  # the text's <s>, not doubled
+    assert ids[0, 0] == tokenizer.bos_token_id
+    assert ids[0, -1] != tokenizer.eos_token_id
+    example, _ = script.tokenize(script.Rendered(PROMPT, [(0, len(PROMPT))], PROMPT), tokenizer)
+    assert ids[0].tolist() == example["input_ids"][:-1]  # training's ids, less the trained EOS
+
+    instruction = {**plan["spec"], "data": {**plan["spec"]["data"], "format": "instruction"}}
+    rendered = render_prompt(script, instruction, "Name a colour.", tokenizer)
+    assert rendered.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+    chat = {**plan["spec"], "data": {**plan["spec"]["data"], "format": "chat"}}
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert render_prompt(script, chat, "Hi", tokenizer) == expected
+
+
+@pytest.mark.slow
+def test_run_without_adapter_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = copy_run(run_dir, tmp_path / "run")
+    shutil.rmtree(broken / "adapter")
+    code, _, err = call_cli(["generate", str(broken), "--prompt", PROMPT], capsys)
+    assert code == 2
+    assert "no adapter here" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_changed_adapter_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = copy_run(run_dir, tmp_path / "run")
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    code, _, err = call_cli(["generate", str(broken), "--prompt", PROMPT], capsys)
+    assert code == 2
+    assert "adapter_model.safetensors: sha256 differs" in err
+
+
+@pytest.mark.slow
+def test_unfinished_run_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = copy_run(run_dir, tmp_path / "run")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["predicate"]["status"] = "interrupted"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = call_cli(["generate", str(broken), "--prompt", PROMPT], capsys)
+    assert code == 2
+    assert "'interrupted'" in err
+
+
+@pytest.mark.slow
+def test_missing_or_different_base_model_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", str(run_dir), "--prompt", PROMPT]
+    code, _, err = call_cli([*args, "--model", str(tmp_path / "nowhere")], capsys)
+    assert code == 2
+    assert "nowhere is missing" in err
+
+    changed = tmp_path / "model"
+    shutil.copytree(TINY / "model", changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 2
+    (changed / "config.json").write_text(json.dumps(config))
+    code, _, err = call_cli([*args, "--model", str(changed)], capsys)
+    assert code == 2
+    assert "config.json differs from the file the run trained on" in err
+
+    (changed / "config.json").write_bytes((TINY / "model" / "config.json").read_bytes())
+    (changed / "extra.safetensors").write_bytes(b"not part of the run")
+    code, _, err = call_cli([*args, "--model", str(changed)], capsys)
+    assert code == 2
+    assert "extra.safetensors was not part of the run's model" in err
