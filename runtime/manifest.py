@@ -43,6 +43,8 @@ class HostView:
     gpus_requested: int
     read_only_inputs: list[str] = field(default_factory=list)
     detail: str = ""
+    spec_path: str | None = None
+    base_image_overridden: bool = False
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ def redactor(values: Mapping[str, str]) -> Callable[[str], str]:
     return redact
 
 
+def determinism_env(spec: Spec) -> dict[str, str]:
+    """Deterministic runs fix Python's string hashing: peft writes target_modules from a
+    set, so without it adapter_config.json's order changes from run to run."""
+    return {"PYTHONHASHSEED": "0"} if spec.job.deterministic else {}
+
+
 def container_user(image_user: str) -> str:
     """Run as this host user when not root (files in /out stay theirs), else the image's
     numeric non-root user."""
@@ -162,6 +168,7 @@ def container_request(
         env["QLC_IMAGE_DIGEST"] = record.registry_digest
     if smoke:
         env["QLC_SMOKE"] = "1"
+    env.update(determinism_env(inputs.spec))
     if os.getuid() != 0:
         env["HOME"] = "/tmp"
     mounts = [Mount(str(run_dir), "/out", read_only=False)]
@@ -243,6 +250,8 @@ def run_container(
         gpus_requested=request.gpus,
         read_only_inputs=[m.target for m in request.mounts if m.read_only],
         detail=outcome.detail,
+        spec_path=str(inputs.spec_path),
+        base_image_overridden=record.base_image_overridden,
     )
     return conclude(run_dir, host, log_path, outcome, redact)
 

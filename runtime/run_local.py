@@ -25,6 +25,7 @@ from qlc.runtime.run import (
     _now,
     _stream,
     conclude,
+    determinism_env,
     new_run_dir,
     redactor,
     secret_values,
@@ -87,6 +88,7 @@ def run_local(
     env.pop("QLC_SMOKE", None)
     if smoke:
         env["QLC_SMOKE"] = "1"
+    env.update(determinism_env(inputs.spec))
     if inputs.model_dir is not None:
         env["QLC_MODEL_PATH"] = str(inputs.model_dir)
     if inputs.data_file is not None:
@@ -114,6 +116,7 @@ def run_local(
         network=None,
         gpus_requested=inputs.spec.runtime.gpus,
         detail=outcome.detail,
+        spec_path=str(inputs.spec_path),
     )
     return conclude(run_dir, host, log_path, outcome, redact)
 

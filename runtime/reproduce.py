@@ -1,0 +1,243 @@
+"""reproduce: rerun a recorded run and say, item by item, whether it matched.
+
+Order: the manifest itself (its sha256 against manifest.sha256, so an edit by hand is
+caught), the inputs as they are now against the recorded hashes (spec, lock, model files,
+data files), the image (reused when the recorded one is still there and spec and lock are
+unchanged, rebuilt otherwise), the rerun, then the outputs: adapter files bit-identical, or
+final metrics within the stated relative tolerance, and the hardware/software observed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from qlc.runtime.docker_engine import DockerEngine, Engine
+from qlc.runtime.manifest import manifest_edited, read_manifest, sha256_file
+from qlc.runtime.records import BuildRecord
+from qlc.runtime.run import (
+    RunFailed,
+    RunInputs,
+    RunResult,
+    find_record_for_image,
+    resolve_inputs,
+    run_container,
+)
+
+METRIC_TOLERANCE = 0.01  # relative, on final_loss and eval_loss
+INPUT_ITEMS = ("manifest", "spec", "lock", "model files", "data hash")
+HARDWARE_KEYS = ("gpus", "driver", "cuda", "torch", "bitsandbytes", "python")
+
+
+class ReproduceError(Exception):
+    """The manifest cannot be used to reproduce anything (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    item: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    reproduced: bool
+    verdicts: list[Verdict]
+    rerun_dir: Path | None
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """Hashes like the training script records them: {name: sha256} of a file, or of every
+    file under a folder by relative path."""
+    if root.is_file():
+        return {root.name: sha256_file(root)}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def compare_files(item: str, recorded: dict[str, str], current: dict[str, str]) -> Verdict:
+    if recorded == current:
+        return Verdict(item, True, f"unchanged ({len(current)} files)")
+    changed = sorted(n for n in recorded.keys() & current.keys() if recorded[n] != current[n])
+    added, removed = (
+        sorted(current.keys() - recorded.keys()),
+        sorted(recorded.keys() - current.keys()),
+    )
+    parts = [f"{name}: sha256 {recorded[name][:12]} -> {current[name][:12]}" for name in changed]
+    parts += [f"{name}: added" for name in added] + [f"{name}: removed" for name in removed]
+    return Verdict(item, False, "changed: " + "; ".join(parts))
+
+
+def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict]:
+    verdicts = []
+    spec_now = sha256_file(inputs.spec_path)
+    spec_then = (predicate.get("spec") or {}).get("sha256")
+    verdicts.append(
+        Verdict(
+            "spec",
+            spec_now == spec_then,
+            "unchanged"
+            if spec_now == spec_then
+            else f"changed: sha256 {str(spec_then)[:12]} -> {spec_now[:12]}",
+        )
+    )
+    lock_path = inputs.spec_path.with_suffix(".lock")
+    lock_now = sha256_file(lock_path) if lock_path.is_file() else None
+    lock_then = predicate.get("lock_sha256")
+    verdicts.append(
+        Verdict(
+            "lock",
+            lock_now == lock_then,
+            "unchanged"
+            if lock_now == lock_then
+            else f"changed: sha256 {str(lock_then)[:12]} -> {str(lock_now)[:12]}",
+        )
+    )
+    recorded = predicate.get("inputs") or {}
+    if inputs.model_dir is not None:
+        then = (recorded.get("model") or {}).get("files") or {}
+        verdicts.append(compare_files("model files", then, hash_tree(inputs.model_dir)))
+    if inputs.data_file is not None:
+        then = (recorded.get("data") or {}).get("files") or {}
+        verdicts.append(compare_files("data hash", then, hash_tree(inputs.data_file)))
+    return verdicts
+
+
+def output_verdicts(old: dict[str, Any], new: dict[str, Any]) -> list[Verdict]:
+    old_subjects = {s["name"]: s["digest"]["sha256"] for s in old.get("subject") or []}
+    new_subjects = {s["name"]: s["digest"]["sha256"] for s in new.get("subject") or []}
+    identical = bool(old_subjects) and old_subjects == new_subjects
+    adapter = Verdict(
+        "adapter",
+        identical,
+        "bit-identical"
+        if identical
+        else compare_files("adapter", old_subjects, new_subjects).detail,
+    )
+    metrics = metric_verdict(
+        old["predicate"].get("metrics") or {}, new["predicate"].get("metrics") or {}
+    )
+    return [adapter, metrics, hardware_verdict(old["predicate"], new["predicate"])]
+
+
+def metric_verdict(old: dict[str, Any], new: dict[str, Any]) -> Verdict:
+    compared, off = [], []
+    for key in ("final_loss", "eval_loss"):
+        a, b = old.get(key), new.get(key)
+        if not isinstance(a, int | float) or not isinstance(b, int | float):
+            continue
+        compared.append(key)
+        if not math.isclose(a, b, rel_tol=METRIC_TOLERANCE, abs_tol=1e-12):
+            off.append(f"{key} {a:.6g} -> {b:.6g}")
+    if not compared:
+        return Verdict("metrics", False, "no final loss recorded to compare")
+    if off:
+        return Verdict("metrics", False, f"outside {METRIC_TOLERANCE:.0%}: " + ", ".join(off))
+    return Verdict("metrics", True, f"{', '.join(compared)} within {METRIC_TOLERANCE:.0%}")
+
+
+def hardware_verdict(old: dict[str, Any], new: dict[str, Any]) -> Verdict:
+    before, after = old.get("environment") or {}, new.get("environment") or {}
+    changed = [
+        f"{k}: {before.get(k)} -> {after.get(k)}"
+        for k in HARDWARE_KEYS
+        if before.get(k) != after.get(k)
+    ]
+    return Verdict("hardware", not changed, "same" if not changed else "; ".join(changed))
+
+
+def reproduce(
+    manifest_path: Path,
+    *,
+    project_dir: Path | None = None,
+    engine: Engine | None = None,
+    console: Console | None = None,
+    reuse_image: bool = True,
+) -> Reproduction:
+    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    project = (project_dir or Path.cwd()).resolve()
+    manifest_path = manifest_path.resolve()
+    original = read_manifest(manifest_path)
+    if original is None:
+        raise ReproduceError(f"{manifest_path}: not a qlc manifest (unreadable or not JSON)")
+    edited = manifest_edited(manifest_path.parent)
+    if edited is not None:
+        verdict = Verdict("manifest", False, f"edited by hand: {edited}")
+        return Reproduction(False, [verdict], None)
+    predicate = original["predicate"]
+    host = predicate.get("host") or {}
+    if predicate.get("status") != "succeeded":
+        raise ReproduceError(
+            f"{manifest_path}: the recorded run {predicate.get('status')}: "
+            "only a succeeded run can be reproduced"
+        )
+    spec_path = Path(host.get("spec_path") or "")
+    if not spec_path.is_file():
+        raise ReproduceError(f"{manifest_path}: the recorded spec {spec_path} is gone")
+    inputs = resolve_inputs(spec_path)
+    verdicts = [
+        Verdict("manifest", True, "matches manifest.sha256"),
+        *input_verdicts(predicate, inputs),
+    ]
+    engine = engine or DockerEngine()
+    record = image_for(host, predicate, inputs, verdicts, engine, project, console, reuse_image)
+    rerun = _rerun(record, inputs, bool((predicate.get("run") or {}).get("smoke")), engine, console)
+    if rerun.status != "succeeded":
+        verdicts.append(Verdict("rerun", False, f"{rerun.status} ({rerun.run_dir})"))
+        return Reproduction(False, verdicts, rerun.run_dir)
+    verdicts += output_verdicts(original, rerun.manifest.data)
+    by_item = {v.item: v for v in verdicts}
+    inputs_ok = all(v.ok for v in verdicts if v.item in INPUT_ITEMS)
+    reproduced = inputs_ok and (by_item["adapter"].ok or by_item["metrics"].ok)
+    return Reproduction(reproduced, verdicts, rerun.run_dir)
+
+
+def image_for(
+    host: dict[str, Any],
+    predicate: dict[str, Any],
+    inputs: RunInputs,
+    verdicts: list[Verdict],
+    engine: Engine,
+    project: Path,
+    console: Console,
+    reuse_image: bool,
+) -> BuildRecord:
+    """The recorded image when it is still there and spec and lock are unchanged; otherwise
+    a build of the spec as it is now (a cache hit when nothing changed)."""
+    from qlc.runtime.build import build
+
+    recorded_id = str(host.get("image_id") or (predicate.get("image") or {}).get("id") or "")
+    inputs_same = all(v.ok for v in verdicts if v.item in ("spec", "lock"))
+    if reuse_image and inputs_same and recorded_id and engine.find_image(recorded_id):
+        found = find_record_for_image(project, recorded_id)
+        if found is not None:
+            verdicts.append(Verdict("image", True, f"reused the recorded image {recorded_id}"))
+            return found
+    base = host.get("base_image") if host.get("base_image_overridden") else None
+    record = build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
+    same = record.image_id == recorded_id
+    verdicts.append(
+        Verdict(
+            "image",
+            same or inputs_same,
+            f"rebuilt: the same image {recorded_id}"
+            if same
+            else f"rebuilt: {recorded_id or 'none'} -> {record.image_id}",
+        )
+    )
+    return record
+
+
+def _rerun(
+    record: BuildRecord, inputs: RunInputs, smoke: bool, engine: Engine, console: Console
+) -> RunResult:
+    try:
+        return run_container(record, inputs, smoke=smoke, engine=engine, console=console)
+    except RunFailed as failure:
+        console.print(str(failure), markup=False)
+        return failure.result
