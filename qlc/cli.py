@@ -5,10 +5,12 @@ Exit codes: 0 success, 2 user error (bad spec, bad arguments), 1 run failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -268,6 +270,112 @@ def merge_command(
         f"{record.adapter_effect_max_abs:.3g}); record in {output / 'merge.json'}",
         markup=False,
     )
+
+
+@app.command(name="build")
+def build_command(
+    spec: SpecArg,
+    base_image: Annotated[
+        str | None,
+        typer.Option(
+            "--base-image",
+            help="Build FROM this image instead of the pinned base "
+            "(air-gapped or test builds; recorded).",
+        ),
+    ] = None,
+) -> None:
+    """Build the spec's image (tag qlc/<job>:<content hash>); unchanged specs hit the cache."""
+    from qlc.runtime.build import build
+
+    with runtime_errors():
+        record = build(spec, base_image)
+    how = "cache hit, no rebuild" if record.cache_hit else "built"
+    out.print(f"{record.tag} {record.image_id} ({how}, {record.build_seconds:.1f}s)", markup=False)
+
+
+@app.command(name="run")
+def run_command(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="A spec (built first) or an image qlc built; default: the project's last build."
+        ),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run the compiled script in this Python, no Docker.")
+    ] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Smoke mode: tiny model, CPU.")] = False,
+    base_image: Annotated[
+        str | None, typer.Option("--base-image", help="Base image when building a spec.")
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus", min=-1, help="GPUs to request (-1: all); default: the spec's runtime.gpus."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Continue in this run directory from its last complete checkpoint."
+        ),
+    ] = None,
+) -> None:
+    """Run a training job in a container (GPU passthrough), or --local; writes a manifest."""
+    from qlc.runtime.run import RunFailed, run
+
+    if resume is not None and not resume.is_dir():
+        raise UserError(f"--resume {resume}: no such run directory")
+    with runtime_errors():
+        try:
+            result = run(
+                target, local=local, smoke=smoke, base_image=base_image, gpus=gpus, run_dir=resume
+            )
+        except RunFailed as failure:
+            raise RunFailure(str(failure)) from None
+    out.print(f"{result.run_dir}: {result.status} (manifest.json, report.md)", markup=False)
+
+
+@app.command(name="reproduce")
+def reproduce_command(
+    manifest: Annotated[Path, typer.Argument(help="A run's manifest.json.")],
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild", help="Build from the spec even if the recorded image is still there."
+        ),
+    ] = False,
+) -> None:
+    """Rerun a recorded run; print a verdict per item. Exit 0 reproduced, 1 not."""
+    from qlc.runtime.reproduce import reproduce
+
+    with runtime_errors():
+        result = reproduce(manifest, reuse_image=not rebuild)
+    for verdict in result.verdicts:
+        mark = "ok  " if verdict.ok else "DIFF"
+        out.print(f"{mark} {verdict.item}: {verdict.detail}", markup=False)
+    if result.rerun_dir is not None:
+        out.print(f"rerun: {result.rerun_dir}", markup=False)
+    out.print("reproduced" if result.reproduced else "not reproduced", markup=False)
+    if not result.reproduced:
+        raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def runtime_errors() -> Iterator[None]:
+    """Map the runtime's errors: the user's to UserError (exit 2), the run's to RunFailure."""
+    from qlc.runtime.build import BuildFailure, SpecInputError
+    from qlc.runtime.docker_engine import EngineError
+    from qlc.runtime.records import RecordError
+    from qlc.runtime.reproduce import ReproduceError
+    from qlc.runtime.run import RunInputError
+
+    try:
+        yield
+    except (SpecInputError, RunInputError, RecordError, ReproduceError) as error:
+        raise UserError(str(error)) from None
+    except (EngineError, BuildFailure) as error:
+        raise RunFailure(str(error)) from None
 
 
 @app.command()
