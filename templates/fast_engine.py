@@ -199,6 +199,17 @@ class Kernels:
             return LigerSiLUMulFunction.apply(gate, up)
         return F.silu(gate) * up
 
+    def rope(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding of q (T, H, D) and k (T, Hkv, D); cos and sin are (1, T, D)."""
+        if self.liger:
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            q4, k4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k))
+            q4, k4 = LigerRopeFunction.apply(q4, k4, cos, sin)
+            return q4.transpose(1, 2)[0], k4.transpose(1, 2)[0]
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        return _rope(q, cos, sin), _rope(k, cos, sin)
+
     def attention(self, q, k, v, batch: Packed) -> torch.Tensor:
         """Causal attention within each example; q (T, H, D), k and v (T, Hkv, D)."""
         if self.varlen is not None and q.is_cuda:
@@ -255,10 +266,29 @@ def _check_liger(device: torch.device, dtype: torch.dtype) -> bool:
         _rel_err(a, b),
         _rel_err(ga, gb),
         _rel_err(LigerSiLUMulFunction.apply(g, u), F.silu(g) * u),
+        *_rope_errors(device, dtype),
     ]
     if max(errors) > 2e-2:
         raise ValueError(f"Liger disagrees with torch (relative errors {errors})")
     return True
+
+
+def _rope_errors(device: torch.device, dtype: torch.dtype) -> list[float]:
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    n, heads, dim = 70, 4, 64
+    fused = torch.randn(n, 3 * heads * dim, device=device, dtype=dtype, requires_grad=True)
+    angles = torch.rand(1, n, dim // 2, device=device) * 6
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    q, k, _ = fused.split(heads * dim, -1)
+    q, k = q.reshape(n, heads, dim), k.reshape(n, heads, dim)
+    q4, k4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k))
+    lq, lk = (t.transpose(1, 2)[0] for t in LigerRopeFunction.apply(q4, k4, cos, sin))
+    (g1,) = torch.autograd.grad((lq.float() * 1.5 + lk.float()).square().sum(), fused)
+    c, s_ = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+    eq, ek = _rope(q, c, s_), _rope(k, c, s_)
+    (g2,) = torch.autograd.grad((eq.float() * 1.5 + ek.float()).square().sum(), fused)
+    return [_rel_err(lq, eq), _rel_err(lk, ek), _rel_err(g1, g2)]
 
 
 def _check_varlen(device: torch.device, dtype: torch.dtype) -> Callable:
@@ -296,9 +326,11 @@ class Lora:
     scaling: float
     dropout: float
 
-    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+    def add_to(self, base: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """base + dropout(x) A^T B^T * scaling, the product, scale and sum in one addmm."""
         h = F.dropout(x, self.dropout, training) if self.dropout > 0 else x
-        return F.linear(F.linear(h, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scaling
+        down = F.linear(h, self.A.to(x.dtype))
+        return torch.addmm(base, down, self.B.to(x.dtype).t(), alpha=self.scaling)
 
 
 @dataclass
@@ -340,7 +372,7 @@ class Proj:
             outs = [_matmul_4bit(x, p.base) for p in self.parts]
         for i, part in enumerate(self.parts):
             if part.lora is not None:
-                outs[i] = outs[i] + part.lora(x, training)
+                outs[i] = part.lora.add_to(outs[i], x, training)
         return outs
 
     def nbytes(self) -> int:
@@ -390,7 +422,8 @@ class FastDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.rotary = base.model.rotary_emb
-        self.embed = base.model.embed_tokens.weight.detach().to(settings.dtype)
+        embed = base.model.embed_tokens.weight.detach()  # lean: no second copy, cast per lookup
+        self.embed = embed if settings.lean else embed.to(settings.dtype)
         self.lm_head = base.lm_head.weight.detach().to(settings.dtype)
         self.norm = base.model.norm.weight.detach().to(settings.dtype)
         self.layers = [self._layer(layer) for layer in base.model.layers]
@@ -433,9 +466,9 @@ class FastDecoder:
 
     # -- forward
     def loss_sum(self, batch: Packed) -> torch.Tensor:
-        x = F.embedding(batch.input_ids, self.embed)
-        cos, sin = self.rotary(x[None], batch.position_ids[None])
-        cos, sin = cos[0].unsqueeze(1).to(x.dtype), sin[0].unsqueeze(1).to(x.dtype)
+        x = F.embedding(batch.input_ids, self.embed).to(self.settings.dtype)
+        cos, sin = self.rotary(x[None], batch.position_ids[None])  # (1, T, D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             if self.recompute and self.training:
                 x = checkpoint(self._block, layer, x, batch, cos, sin, use_reentrant=False)
@@ -453,8 +486,9 @@ class FastDecoder:
     def _attention(self, layer: Layer, h, batch: Packed, cos, sin) -> torch.Tensor:
         n = h.shape[0]
         q, k, v = layer.qkv(h, self.training)
-        q = _rope(q.view(n, self.heads, self.head_dim), cos, sin)
-        k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+        q, k = self.kernels.rope(
+            q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), cos, sin
+        )
         out = self.kernels.attention(q, k, v.view(n, self.kv_heads, self.head_dim), batch)
         (o,) = layer.o(out.reshape(n, self.heads * self.head_dim), self.training)
         return o
@@ -752,6 +786,8 @@ def train(
     start = time.perf_counter()
     train_cfg, seed = spec["train"], spec["job"]["seed"]
     settings = Settings.choose(model, spec)
+    if settings.lean and settings.device.type == "cuda":  # fewer, growable segments: less waste
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     decoder, path = build_decoder(model, spec, settings, train_examples)
     print(f"qlc fast engine: {path}", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -798,6 +834,90 @@ def train(
     return _summary(state, train_seconds, eval_loss, settings, path)
 
 
+class StepProfiler:
+    """QLC_FAST_PROFILE_STEPS=N: torch.profiler over N steps after 10 warm ones, printed as a
+    table of where the time goes (off by default; it syncs and slows those steps)."""
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps, self.device, self.active = steps, device, None
+        self.first = 10
+
+    def after_step(self, step: int) -> None:
+        if not self.steps:
+            return
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self.active = profile(activities=activities)
+            self.active.__enter__()
+            self.began = time.perf_counter()
+        elif step == self.first + self.steps and self.active is not None:
+            _sync(self.device)
+            seconds = time.perf_counter() - self.began
+            self.active.__exit__(None, None, None)
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = self.active.key_averages().table(
+                sort_by=key, row_limit=30, max_name_column_width=60
+            )
+            print(
+                f"qlc fast engine profile: {self.steps} steps in {seconds:.3f} s\n{table}",
+                flush=True,
+            )
+            self.active = None
+
+
+class Reporter:
+    """Logging without stalls: a logging step's numbers are read back one logging step later,
+    once the GPU has finished them, so the host never waits for work it just queued."""
+
+    def __init__(self, device: torch.device, log, n_steps: int, per_epoch: int, start: float):
+        self.device, self.log, self.n_steps, self.per_epoch = device, log, n_steps, per_epoch
+        self.start, self.window_start = start, time.perf_counter()
+        self.window_loss = torch.zeros((), device=device)
+        self.window_steps = self.window_tokens = 0
+        self.pending: tuple[dict, torch.Tensor, torch.Tensor, Any] | None = None
+        self.last_loss: float | None = None
+
+    def add(self, step_loss: torch.Tensor, tokens: int) -> None:
+        self.window_loss += step_loss
+        self.window_steps += 1
+        self.window_tokens += tokens
+
+    def close_window(self, record: dict, grad_norm: torch.Tensor) -> None:
+        record["tokens_in_window"] = self.window_tokens
+        loss = self.window_loss / self.window_steps
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self.flush()
+        self.pending = (record, loss, grad_norm.detach().clone(), event)
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_steps = self.window_tokens = 0
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        record, loss, grad_norm, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # the logged step only; later steps keep running
+        now = time.perf_counter()
+        self.last_loss = float(loss.item())
+        tokens = record.pop("tokens_in_window")
+        record.update(
+            loss=self.last_loss,
+            grad_norm=float(grad_norm.item()),
+            tokens_per_s=tokens / max(now - self.window_start, 1e-9),
+            elapsed_s=now - self.start,
+            **_memory(self.device),
+        )
+        self.window_start = now
+        self.log(record)
+
+
 def _loop(
     model,
     loss_fn,
@@ -815,11 +935,11 @@ def _loop(
     train_cfg = spec["train"]
     params = [p for p in model.parameters() if p.requires_grad]
     device, max_norm = settings.device, train_cfg["max_grad_norm"]
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    per_epoch = steps_per_epoch(len(examples), train_cfg["batch_size"], train_cfg["grad_accum"])
+    reporter = Reporter(device, log, len(schedule), per_epoch, state.start)
+    profiler = StepProfiler(int(os.environ.get("QLC_FAST_PROFILE_STEPS") or 0), device)
     grad_norm = torch.zeros((), device=device)
     loss_fn.train(True)
-    per_epoch = steps_per_epoch(len(examples), train_cfg["batch_size"], train_cfg["grad_accum"])
     for step in range(state.step, len(schedule)):
         micro = [[examples[i] for i in mb] for mb in schedule[step]]
         n_targets = sum(sum(t != IGNORE for t in ex["labels"][1:]) for mb in micro for ex in mb)
@@ -835,46 +955,44 @@ def _loop(
         optimizer.zero_grad(set_to_none=True)
         tokens = sum(len(ex["input_ids"]) for mb in micro for ex in mb)
         state.tokens += tokens
-        window_tokens += tokens
-        window_loss += step_loss
-        window_steps += 1
+        reporter.add(step_loss, tokens)
         state.step = step + 1
         if state.first_step_s is None:
             _sync(device)
             state.first_step_s = time.perf_counter() - state.start
+        profiler.after_step(state.step)
         if state.step % train_cfg["logging_steps"] == 0 or state.step == len(schedule):
-            _sync(device)
-            now = time.perf_counter()
-            state.last_loss = float(window_loss.item()) / window_steps
-            log(
-                {
-                    "step": state.step,
-                    "max_steps": len(schedule),
-                    "epoch": state.step / per_epoch,
-                    "loss": state.last_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm.item()),
-                    "tokens": state.tokens,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                    "elapsed_s": now - state.start,
-                    **_memory(device),
-                }
+            record = {
+                "step": state.step,
+                "max_steps": len(schedule),
+                "epoch": state.step / per_epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": state.tokens,
+            }
+            reporter.close_window(record, grad_norm)
+        if _eval_or_save_due(train_cfg, state.step, len(schedule)):
+            reporter.flush()
+            _maybe_eval_and_save(
+                model,
+                loss_fn,
+                optimizer,
+                scheduler,
+                eval_examples,
+                spec,
+                settings,
+                state,
+                output_dir,
+                log,
+                len(schedule),
             )
-            window_loss.zero_()
-            window_steps, window_tokens, window_start = 0, 0, now
-        _maybe_eval_and_save(
-            model,
-            loss_fn,
-            optimizer,
-            scheduler,
-            eval_examples,
-            spec,
-            settings,
-            state,
-            output_dir,
-            log,
-            len(schedule),
-        )
+    reporter.flush()
+    state.last_loss = reporter.last_loss
+
+
+def _eval_or_save_due(train_cfg: dict[str, Any], step: int, n_steps: int) -> bool:
+    evals = train_cfg.get("eval_steps") and step % train_cfg["eval_steps"] == 0
+    saves = train_cfg.get("save_steps") and step % train_cfg["save_steps"] == 0 and step < n_steps
+    return bool(evals or saves)
 
 
 def _maybe_eval_and_save(
@@ -895,7 +1013,7 @@ def _maybe_eval_and_save(
         loss_fn.train(False)
         value = evaluate(loss_fn, eval_examples, train_cfg["batch_size"], settings.device)
         loss_fn.train(True)
-        log({"step": state.step, "eval_loss": value})
+        log({"event": "eval", "step": state.step, "eval_loss": value})
     save = train_cfg.get("save_steps")
     if save and state.step % save == 0 and state.step < n_steps:
         save_checkpoint(
