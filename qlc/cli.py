@@ -361,6 +361,123 @@ def reproduce_command(
         raise typer.Exit(1)
 
 
+def build_to_push(target: str | None) -> tuple[str, str | None]:
+    """(image tag, job whose build record gets the digest) for `qlc push [SPEC|IMAGE]`."""
+    from qlc.runtime import records
+
+    project = Path.cwd()
+    if target is None:
+        record = records.last_build(project)
+        return record.tag, record.job
+    if target.endswith(".toml") or Path(target).is_file():
+        spec, _ = load_spec_file(Path(target))
+        found = records.job_build(project, spec.job.name)
+        if found is None:
+            raise UserError(
+                f"{target}: job {spec.job.name!r} is not built: run `qlc build {target}`"
+            )
+        return found.tag, found.job
+    builds = sorted(records.state_dir(project).glob("builds/*.json"))
+    jobs = [records.load_build(path) for path in builds]
+    return target, next((record.job for record in jobs if record.tag == target), None)
+
+
+@app.command(name="push")
+def push_command(
+    target: Annotated[
+        str | None,
+        typer.Argument(help="A built spec or a local image; default: the project's last build."),
+    ] = None,
+    registry: Annotated[
+        str, typer.Option("--registry", help="HOST[:PORT]/REPO to push to, e.g. ghcr.io/acme/qlc.")
+    ] = ...,  # type: ignore[assignment]
+) -> None:
+    """Push a built image (Docker's credential config; never stored) and record its digest."""
+    from qlc.runtime import records
+    from qlc.runtime.push import PushError, check_registry, push
+
+    try:
+        check_registry(registry)
+    except PushError as error:
+        raise UserError(str(error)) from None
+    with runtime_errors():
+        image, job = build_to_push(target)
+        try:
+            result = push(image, registry)
+        except PushError as error:
+            raise RunFailure(str(error)) from None
+        if job is not None:
+            records.record_push(Path.cwd(), job, result.pushed_tag, result.reference)
+    where = f"; recorded in the build record of {job}" if job else ""
+    out.print(f"{result.reference}{where}", markup=False)
+
+
+@app.command(name="export")
+def export_command(
+    spec: SpecArg,
+    target: Annotated[
+        str, typer.Option("--target", help="kubernetes|aws-batch|gcp-batch|skypilot")
+    ],
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (several: torch rendezvous).")] = 1,
+    gpus_per_node: Annotated[
+        int | None, typer.Option("--gpus-per-node", help="Default: the spec's runtime.gpus.")
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="repo@sha256:... to run; default: the job's pushed image."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Directory (default export/JOB/TARGET).")
+    ] = None,
+    kueue_queue: Annotated[
+        str | None, typer.Option("--kueue-queue", help="Kubernetes: Kueue LocalQueue label.")
+    ] = None,
+    volume: Annotated[
+        str | None,
+        typer.Option("--volume", help="Kubernetes PVC or AWS EFS id for a local output_dir."),
+    ] = None,
+    retries: Annotated[int, typer.Option("--retries", help="Retries after preemption.")] = 3,
+    instance_type: Annotated[
+        str | None, typer.Option("--instance-type", help="AWS instance / GCP machine type.")
+    ] = None,
+    accelerator: Annotated[
+        str | None, typer.Option("--accelerator", help="SkyPilot GPU name / GCP GPU type.")
+    ] = None,
+    job_queue: Annotated[
+        str | None, typer.Option("--job-queue", help="AWS Batch: also write submit-job.json.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing job files.")] = False,
+) -> None:
+    """Write a ready-to-submit job file that runs the pushed image, pinned by digest."""
+    from qlc.runtime import records
+    from qlc.runtime.export import ExportError, export, write_export
+
+    plan = compile_path(spec).plan
+    job = str(plan.spec["job"]["name"])
+    if image is None:
+        with runtime_errors():
+            record = records.job_build(Path.cwd(), job)
+        if record is None or record.registry_digest is None:
+            raise UserError(
+                f"{spec}: no pushed image of job {job!r}: run `qlc build {spec}` and "
+                f"`qlc push {spec} --registry HOST/REPO`, or pass --image REPO@sha256:..."
+            )
+        if record.spec_sha256 != plan.spec_sha256:
+            raise UserError(f"{spec} changed since its last build: rebuild and push it first")
+        image = record.registry_digest
+    try:
+        files = export(
+            plan, image, target, nodes=nodes, gpus_per_node=gpus_per_node,
+            kueue_queue=kueue_queue, volume=volume, retries=retries,
+            instance_type=instance_type, accelerator=accelerator, job_queue=job_queue,
+        )  # fmt: skip
+        paths = write_export(files, output or Path("export") / job / target, overwrite=force)
+    except ExportError as error:
+        raise UserError(str(error)) from None
+    for path in paths:
+        out.print(f"{path}: {target} job for {image}", markup=False)
+
+
 @contextlib.contextmanager
 def runtime_errors() -> Iterator[None]:
     """Map the runtime's errors: the user's to UserError (exit 2), the run's to RunFailure."""

@@ -301,3 +301,64 @@ def test_write_export_refuses_to_overwrite(tmp_path: Path) -> None:
         write_export(files, tmp_path)
     write_export(files, tmp_path, overwrite=True)
     assert (tmp_path / "job.yaml").read_text(encoding="utf-8") == files["job.yaml"]
+
+
+# --- the command line -------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUANACO = REPO_ROOT / "specs" / "guanaco.toml"
+
+
+def test_cli_export_writes_a_valid_job_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qlc.cli import app
+
+    arguments = ["export", str(GUANACO), "--target", "kubernetes", "--image", IMAGE,
+                 "--nodes", "2", "--volume", "qlc-runs", "-o", str(tmp_path)]  # fmt: skip
+    done = CliRunner().invoke(app, arguments)
+    assert done.exit_code == 0, done.output
+    _, job = validate_kubernetes((tmp_path / "job.yaml").read_text(encoding="utf-8"))
+    assert job.spec.template.spec.containers[0].image == IMAGE
+
+
+def test_cli_export_uses_the_pushed_digest_of_the_build_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from qlc.cli import app
+    from qlc.runtime import records
+
+    plan = compile_spec(GUANACO.read_bytes(), str(GUANACO), require_lock=False).plan
+    record = records.BuildRecord(
+        job=plan.spec["job"]["name"], tag="qlc/guanaco:abc", image_id="sha256:" + "1" * 64,
+        image_key="k", context_hash="sha256:x", context_dir="/x", spec_path=str(GUANACO),
+        spec_sha256=plan.spec_sha256, lock_sha256=None, base_image="b",
+        base_image_overridden=False, base_image_id=None, base_image_digests=[],
+        qlc_version="0.1.0", built_at="2026-11-26T00:00:00Z", build_seconds=1.0,
+        cache_hit=False, log_path=None, registry_digest=IMAGE, pushed_ref="x:abc",
+    )  # fmt: skip
+    records.save_build(tmp_path, record)
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "skypilot"])
+    assert done.exit_code != 0  # guanaco writes to a local "runs": skypilot needs a bucket
+    done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "aws-batch",
+                                    "--volume", "fs-0123456789abcdef0"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    written = tmp_path / "export" / record.job / "aws-batch" / "job-definition.json"
+    assert json.loads(written.read_text(encoding="utf-8"))["containerProperties"]["image"] == IMAGE
+
+
+def test_cli_export_refuses_a_tag_with_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "qlc", "export", str(GUANACO), "--target", "gcp-batch",
+         "--image", "registry.example.com/qlc/guanaco:latest", "-o", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "has no digest" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())

@@ -140,24 +140,39 @@ def build_tiny_image(api: Any, tag: str) -> str:
 
 
 @pytest.mark.docker
-def test_push_to_a_real_registry_then_pull_by_digest_and_run(local_registry: str) -> None:  # noqa: F811
+def test_qlc_push_to_a_real_registry_then_pull_by_digest_and_run(
+    local_registry: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from qlc.cli import app
+
     api = docker_api()
     local_tag = f"qlc-push-test:{uuid.uuid4().hex[:12]}"
-    build_tiny_image(api, local_tag)
+    image_id = build_tiny_image(api, local_tag)
+    records.save_build(tmp_path, build_record(local_tag, image_id))
+    monkeypatch.chdir(tmp_path)
     repository = f"{local_registry}/qlc/push-test"
-    result = push(local_tag, repository)
-    assert result.reference.startswith(f"{repository}@sha256:")
+    done = CliRunner().invoke(app, ["push", "--registry", repository])
+    assert done.exit_code == 0, done.output
+    reference = records.last_build(tmp_path).registry_digest
+    assert reference is not None and reference.startswith(f"{repository}@sha256:")
+    assert reference in done.output
     # Forget every local name of the image, so the pull below must come from the registry.
-    for name in (local_tag, result.pushed_tag):
+    pushed_tag = records.last_build(tmp_path).pushed_ref
+    for name in (local_tag, pushed_tag):
         api.remove_image(name, force=True)
-    for _ in api.pull(result.reference, stream=True, decode=True):
+    for _ in api.pull(reference, stream=True, decode=True):
         pass
-    assert result.reference in api.inspect_image(result.reference)["RepoDigests"]
-    container = api.create_container(result.reference)
+    pulled = api.inspect_image(reference)
+    assert reference in pulled["RepoDigests"] and pulled["Id"] == image_id
+    container = api.create_container(reference)
     try:
         api.start(container)
         assert api.wait(container, timeout=60)["StatusCode"] == 0
         assert api.logs(container).decode().strip() == "qlc-pushed-image-ok"
     finally:
         api.remove_container(container, force=True)
-        api.remove_image(result.reference, force=True)
+        api.remove_image(reference, force=True)
