@@ -106,7 +106,7 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
         raise ExportError(
             f"job.output_dir = {output_dir!r} is a local path, which a batch job cannot reach: "
             "set job.output_dir to an object-store URI (s3://, gs://, az://) in the spec, "
-            "or pass --volume NAME to write the runs to a volume"
+            "or pass --volume NAME (a Kubernetes PVC or an AWS EFS file system) for the runs"
         )
     shm_size = str(runtime.get("shm_size", "16g"))
     env = {**dict(runtime.get("env", {})), "QLC_IMAGE_DIGEST": image_ref}
@@ -120,7 +120,7 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
         env=dict(sorted(env.items())),
         secrets=sorted(runtime.get("secrets", [])),
         output_uri=output_dir if is_uri else None,
-        output_volume=None if is_uri else options.volume,
+        output_volume=options.volume,
         output_subdir=None if is_uri else output_dir,
         retries=options.retries,
         options=options,

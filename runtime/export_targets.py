@@ -71,13 +71,21 @@ def labels(shape: JobShape) -> dict[str, str]:
     return {"app.kubernetes.io/managed-by": "qlc", "qlc.dev/job": dns_label(shape.name)}
 
 
-def output_env(shape: JobShape, mount: str | None) -> dict[str, str]:
-    """QLC_OUTPUT_DIR: the mounted location when the engine mounts it, else the URI itself."""
-    if mount is None:
-        assert shape.output_uri is not None
-        return {"QLC_OUTPUT_DIR": shape.output_uri}
+def output_env(shape: JobShape) -> dict[str, str]:
+    """QLC_OUTPUT_DIR: where the engine mounts the output location in the container.
+
+    The training script writes plain files, so every target mounts the bucket or volume;
+    a relative output_dir becomes a folder on the volume."""
     subdir = shape.output_subdir
-    return {"QLC_OUTPUT_DIR": f"{mount}/{subdir}" if subdir else mount}
+    return {"QLC_OUTPUT_DIR": f"{OUTPUT_MOUNT}/{subdir}" if subdir else OUTPUT_MOUNT}
+
+
+def refuse_volume(shape: JobShape, target: str) -> None:
+    if shape.output_volume is not None:
+        raise ExportError(
+            f"--volume is for kubernetes (a PVC) and aws-batch (an EFS file system); {target} "
+            "writes runs to the bucket in job.output_dir"
+        )
 
 
 def pairs(env: dict[str, str]) -> list[dict[str, str]]:
@@ -93,10 +101,15 @@ def quantity(size: str) -> str:
 def kubernetes(shape: JobShape) -> dict[str, str]:
     name = dns_label(shape.name)
     multi = shape.nodes > 1
-    mount = OUTPUT_MOUNT if shape.output_volume else None
+    if shape.output_volume is None:
+        raise ExportError(
+            f"Kubernetes cannot mount {shape.output_uri} by itself: create a "
+            "PersistentVolumeClaim backed by the bucket (Mountpoint for Amazon S3 CSI, "
+            "Cloud Storage FUSE CSI or Azure Blob CSI driver) and pass --volume CLAIM"
+        )
     # Kubernetes expands $(NAME) in env values; $$( keeps a user's text literal.
     plain = {key: value.replace("$(", "$$(") for key, value in shape.env.items()}
-    env: list[dict[str, Any]] = pairs({**plain, **output_env(shape, mount)})
+    env: list[dict[str, Any]] = pairs({**plain, **output_env(shape)})
     env += [
         {"name": secret, "valueFrom": {"secretKeyRef": {"name": K8S_SECRET, "key": secret}}}
         for secret in shape.secrets
@@ -113,12 +126,9 @@ def kubernetes(shape: JobShape) -> dict[str, str]:
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": quantity(shape.shm_size)}}
     ]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
-    if mount is not None:
-        volumes.append(
-            {"name": "output", "persistentVolumeClaim": {"claimName": shape.output_volume}}
-        )
-        mounts.append({"name": "output", "mountPath": mount})
+    volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": shape.output_volume}})
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"},
+              {"name": "output", "mountPath": OUTPUT_MOUNT}]  # fmt: skip
     job_labels = labels(shape)
     if shape.options.kueue_queue is not None:
         job_labels["kueue.x-k8s.io/queue-name"] = shape.options.kueue_queue
@@ -141,7 +151,12 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
     instance = shape.options.instance_type
     _, cpus_of, gib_of = aws_instance(instance, shape.gpus)
     name = re.sub(r"[^A-Za-z0-9_-]", "-", shape.name)
-    mount = OUTPUT_MOUNT if shape.output_volume else None
+    if shape.output_uri is not None:
+        raise ExportError(
+            f"AWS Batch cannot mount {shape.output_uri}: set job.output_dir to a relative path "
+            "and pass --volume fs-... (an EFS file system), or export for skypilot, which "
+            "mounts s3:// buckets"
+        )
     multi = shape.nodes > 1
     command = launch_command(shape)
     if multi:
@@ -160,14 +175,14 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
         resources.insert(0, {"type": "GPU", "value": str(shape.gpus)})
     container = {
         "image": shape.image, "command": command,
-        "environment": pairs({**shape.env, **output_env(shape, mount)}),
+        "environment": pairs({**shape.env, **output_env(shape)}),
         "secrets": [{"name": secret, "valueFrom": secret} for secret in shape.secrets],
         "resourceRequirements": resources,
         "linuxParameters": {"sharedMemorySize": shape.shm_bytes // 2**20},
         "volumes": [{"name": "output", "efsVolumeConfiguration": {
-            "fileSystemId": shape.output_volume, "transitEncryption": "ENABLED"}}] if mount else [],
-        "mountPoints": [{"sourceVolume": "output", "containerPath": mount,
-                         "readOnly": False}] if mount else [],
+            "fileSystemId": shape.output_volume, "transitEncryption": "ENABLED"}}],
+        "mountPoints": [{"sourceVolume": "output", "containerPath": OUTPUT_MOUNT,
+                         "readOnly": False}],
     }  # fmt: skip
     if multi and instance:
         container["instanceType"] = instance
@@ -208,19 +223,15 @@ def aws_instance(instance: str | None, gpus: int) -> tuple[int | None, int | Non
 
 def gcp_batch(shape: JobShape) -> dict[str, str]:
     machine, accelerators = gcp_machine(shape)
-    variables = dict(shape.env)
-    volumes: list[dict[str, Any]] = []
+    refuse_volume(shape, "gcp-batch")
     uri = shape.output_uri
-    if uri is not None and uri.startswith("gs://"):
-        volumes.append({"gcs": {"remotePath": uri[len("gs://") :]}, "mountPath": OUTPUT_MOUNT})
-        variables.update(output_env(shape, OUTPUT_MOUNT))
-    elif uri is not None:
-        variables.update(output_env(shape, None))
-    else:
+    if uri is None or not uri.startswith("gs://"):
         raise ExportError(
-            "gcp-batch writes runs to a gs:// bucket: set job.output_dir to gs://BUCKET/PATH "
-            "(--volume is for kubernetes PVCs and AWS EFS)"
+            "GCP Batch mounts Cloud Storage buckets only: set job.output_dir to "
+            f"gs://BUCKET/PATH (got {uri or shape.output_subdir!r})"
         )
+    volumes = [{"gcs": {"remotePath": uri.removeprefix("gs://")}, "mountPath": OUTPUT_MOUNT}]
+    variables = {**shape.env, **output_env(shape)}
     command = launch_command(shape)
     if shape.nodes > 1:
         master = '$(head -n 1 "$BATCH_HOSTS_FILE")'
@@ -270,17 +281,17 @@ def gcp_labels(shape: JobShape) -> dict[str, str]:
 
 
 def skypilot(shape: JobShape) -> dict[str, str]:
-    file_mounts: dict[str, Any] = {}
+    refuse_volume(shape, "skypilot")
     uri = shape.output_uri
     if uri is None:
-        raise ExportError("skypilot writes runs to a bucket: set job.output_dir to an s3:// "
-                          "or gs:// URI (--volume is for kubernetes PVCs and AWS EFS)")  # fmt: skip
+        raise ExportError("SkyPilot writes runs to a bucket it mounts: set job.output_dir to "
+                          f"an s3:// or gs:// URI (got {shape.output_subdir!r})")  # fmt: skip
     if uri.startswith("az://"):
         raise ExportError("SkyPilot mounts Azure containers by their https://ACCOUNT.blob.core."
                           "windows.net/CONTAINER URL, not az://: use s3:// or gs:// for "
                           "skypilot")  # fmt: skip
-    file_mounts[OUTPUT_MOUNT] = {"source": uri, "mode": "MOUNT"}
-    envs = {**shape.env, **output_env(shape, OUTPUT_MOUNT)}
+    file_mounts = {OUTPUT_MOUNT: {"source": uri, "mode": "MOUNT"}}
+    envs = {**shape.env, **output_env(shape)}
     if shape.nodes > 1:
         master = '$(echo "$SKYPILOT_NODE_IPS" | head -n 1)'
         run = torchrun_script(shape, "$SKYPILOT_NUM_NODES", "$SKYPILOT_NODE_RANK", master)

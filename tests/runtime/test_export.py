@@ -52,11 +52,12 @@ def make_plan(output_dir: str) -> Plan:
 
 # case name -> (output_dir of the spec, export arguments)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "kubernetes-single": ("s3://qlc-test-bucket/runs", {"target": "kubernetes"}),
+    "kubernetes-single": ("s3://qlc-test-bucket/runs", {"target": "kubernetes",
+                                                         "volume": "qlc-test-bucket-pvc"}),
     "kubernetes-multi": ("runs", {"target": "kubernetes", "nodes": 2, "gpus_per_node": 4,
                                   "kueue_queue": "team-a", "volume": "qlc-runs"}),
-    "aws-batch-single": ("s3://qlc-test-bucket/runs", {"target": "aws-batch",
-                                                        "instance_type": "g5.2xlarge"}),
+    "aws-batch-single": ("runs", {"target": "aws-batch", "instance_type": "g5.2xlarge",
+                                  "volume": "fs-0123456789abcdef0"}),
     "aws-batch-multi": ("runs", {"target": "aws-batch", "nodes": 2, "gpus_per_node": 8,
                                  "instance_type": "p4d.24xlarge", "job_queue": "gpu-queue",
                                  "volume": "fs-0123456789abcdef0"}),
@@ -256,42 +257,43 @@ def test_refuses_an_image_without_a_digest(image: str, message: str) -> None:
             export(plan, image, target)
 
 
+EFS = {"volume": "fs-0123456789abcdef0"}
+
+
 @pytest.mark.parametrize(
-    ("target", "arguments", "message"),
+    ("output_dir", "target", "arguments", "message"),
     [
-        ("kubernetes", {"nodes": 0}, "--nodes must be at least 1"),
-        ("skypilot", {"nodes": -2}, "--nodes must be at least 1"),
-        ("aws-batch", {"instance_type": "m5.xlarge"}, "has no GPUs"),
-        ("aws-batch", {"instance_type": "g5.xlarge", "gpus_per_node": 4}, "has 1 GPU"),
-        ("aws-batch", {"retries": 10}, "at most 9 retries"),
-        ("gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
-        ("gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3 GPUs"),
-        ("kubernetes", {"gpus_per_node": -1}, "0 or more"),
-        ("nomad", {}, "unknown target 'nomad'"),
+        ("s3://b/runs", "kubernetes", {"nodes": 0}, "--nodes must be at least 1"),
+        ("s3://b/runs", "skypilot", {"nodes": -2}, "--nodes must be at least 1"),
+        ("runs", "aws-batch", {"instance_type": "m5.xlarge", **EFS}, "has no GPUs"),
+        ("runs", "aws-batch", {"instance_type": "g5.xlarge", "gpus_per_node": 4, **EFS},
+         "has 1 GPU"),
+        ("runs", "aws-batch", {"retries": 10, **EFS}, "at most 9 retries"),
+        ("gs://b/runs", "gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
+        ("gs://b/runs", "gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3"),
+        ("s3://b/runs", "kubernetes", {"gpus_per_node": -1}, "0 or more"),
+        ("s3://b/runs", "nomad", {}, "unknown target 'nomad'"),
+        # output locations an engine cannot mount
+        ("runs", "kubernetes", {}, "local path, which a batch job cannot reach"),
+        ("s3://b/runs", "kubernetes", {}, "Kubernetes cannot mount s3://b/runs"),
+        ("s3://b/runs", "aws-batch", {}, "AWS Batch cannot mount s3://b/runs"),
+        ("s3://b/runs", "aws-batch", EFS, "AWS Batch cannot mount s3://b/runs"),
+        ("s3://b/runs", "gcp-batch", {}, "mounts Cloud Storage buckets only"),
+        ("runs", "gcp-batch", EFS, "--volume is for kubernetes"),
+        ("runs", "skypilot", EFS, "--volume is for kubernetes"),
+        ("az://container/runs", "skypilot", {}, r"blob\.core\.windows\.net"),
     ],
-)
-def test_refusals(target: str, arguments: dict[str, Any], message: str) -> None:
+)  # fmt: skip
+def test_refusals(output_dir: str, target: str, arguments: dict[str, Any], message: str) -> None:
     with pytest.raises(ExportError, match=message):
-        export(make_plan("s3://qlc-test-bucket/runs"), IMAGE, target, **arguments)
+        export(make_plan(output_dir), IMAGE, target, **arguments)
 
 
 def test_cpu_only_export_is_allowed_on_a_cpu_instance() -> None:
-    files = export(make_plan("s3://b/runs"), IMAGE, "aws-batch", gpus_per_node=0,
-                   instance_type="m5.xlarge")  # fmt: skip
+    files = export(make_plan("runs"), IMAGE, "aws-batch", gpus_per_node=0,
+                   instance_type="m5.xlarge", **EFS)  # fmt: skip
     validate_aws("job-definition.json", files["job-definition.json"])
     assert '"GPU"' not in files["job-definition.json"]
-
-
-def test_local_output_needs_a_volume() -> None:
-    with pytest.raises(ExportError, match="local path, which a batch job cannot reach"):
-        export(make_plan("runs"), IMAGE, "kubernetes")
-    with pytest.raises(ExportError, match="gs://"):
-        export(make_plan("runs"), IMAGE, "gcp-batch", volume="disk")
-
-
-def test_skypilot_refuses_az_uris() -> None:
-    with pytest.raises(ExportError, match=r"blob\.core\.windows\.net"):
-        export(make_plan("az://container/runs"), IMAGE, "skypilot")
 
 
 def test_write_export_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -327,7 +329,7 @@ def test_cli_export_uses_the_pushed_digest_of_the_build_record(
 ) -> None:
     from typer.testing import CliRunner
 
-    from qlc.cli import app
+    from qlc.cli import UserError, app
     from qlc.runtime import records
 
     plan = compile_spec(GUANACO.read_bytes(), str(GUANACO), require_lock=False).plan
@@ -342,7 +344,8 @@ def test_cli_export_uses_the_pushed_digest_of_the_build_record(
     records.save_build(tmp_path, record)
     monkeypatch.chdir(tmp_path)
     done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "skypilot"])
-    assert done.exit_code != 0  # guanaco writes to a local "runs": skypilot needs a bucket
+    assert isinstance(done.exception, UserError)  # a local "runs": skypilot needs a bucket
+    assert "local path" in str(done.exception)
     done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "aws-batch",
                                     "--volume", "fs-0123456789abcdef0"])  # fmt: skip
     assert done.exit_code == 0, done.output
