@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from qlc.runtime.manifest import (
+    MANIFEST_DIGEST,
+    HostView,
+    check_subjects,
+    finalize,
+    manifest_edited,
+)
+
+
+def host(ended: str = "exited", exit_code: int | None = 0, oom: bool = False) -> HostView:
+    return HostView(
+        mode="container",
+        exit_code=exit_code,
+        oom_killed=oom,
+        ended=ended,
+        image_id="sha256:" + "1" * 64,
+        image_tag="qlc/tiny:111111111111",
+        base_image="qlc-base:bookworm",
+        base_image_id=None,
+        started_at="t0",
+        finished_at="t1",
+        duration_s=1.5,
+        user="10001:10001",
+        network="none",
+        gpus_requested=0,
+    )
+
+
+def write_run(run_dir: Path, status: str, adapter: bytes | None = b"weights") -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subjects = []
+    if adapter is not None:
+        (run_dir / "adapter").mkdir()
+        (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(adapter)
+        subjects = [
+            {
+                "name": "adapter/adapter_model.safetensors",
+                "digest": {"sha256": hashlib.sha256(adapter).hexdigest()},
+            }
+        ]
+    (run_dir / "metrics.jsonl").write_text(
+        '{"event": "train", "step": 1, "loss": 2.0}\n{"event": "eval", "step": 2, '
+        '"eval_loss": 1.9}\n{"event": "train", "step": 2, "loss": 1.5}\n{"step": 3, "lo'
+    )
+    manifest = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": subjects,
+        "predicateType": "urn:qlc:manifest:v1",
+        "predicate": {
+            "status": status,
+            "spec": {"name": "specs/tiny.toml", "sha256": "a"},
+            "metrics": {"final_loss": 1.5},
+            "error": None,
+        },
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_succeeded_run_gets_host_view_report_and_plot(tmp_path: Path) -> None:
+    write_run(tmp_path, "succeeded")
+    final = finalize(tmp_path, host())
+    assert final.status == "succeeded" and final.problems == []
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["predicate"]["host"]["exit_code"] == 0
+    assert data["predicate"]["host"]["image_id"] == "sha256:" + "1" * 64
+    assert len(data["subject"]) == 1
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    report = (tmp_path / "report.md").read_text()
+    assert "**succeeded**" in report and "adapter/adapter_model.safetensors" in report
+    assert manifest_edited(tmp_path) is None
+
+
+def test_run_killed_while_running_is_failed_without_adapter(tmp_path: Path) -> None:
+    write_run(tmp_path, "running")
+    final = finalize(tmp_path, host(exit_code=137))
+    assert final.status == "failed" and final.data["subject"] == []
+    assert "exit status 137" in final.data["predicate"]["error"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()  # nothing deleted
+
+
+def test_interrupted_run_is_interrupted(tmp_path: Path) -> None:
+    write_run(tmp_path, "running", adapter=None)
+    assert finalize(tmp_path, host(ended="interrupted", exit_code=130)).status == "interrupted"
+
+
+def test_oom_after_success_is_not_a_success(tmp_path: Path) -> None:
+    write_run(tmp_path, "succeeded")
+    final = finalize(tmp_path, host(ended="oom-killed", exit_code=137, oom=True))
+    assert final.status == "failed" and final.data["subject"] == []
+
+
+def test_adapter_changed_after_the_script_hashed_it(tmp_path: Path) -> None:
+    write_run(tmp_path, "succeeded")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"other")
+    final = finalize(tmp_path, host())
+    assert final.status == "failed"
+    assert final.problems == [
+        "subject adapter/adapter_model.safetensors: sha256 differs from the file's"
+    ]
+
+
+def test_no_manifest_at_all_gets_a_failed_one(tmp_path: Path) -> None:
+    final = finalize(tmp_path, host(ended="not-started", exit_code=None))
+    assert final.status == "failed" and final.data["subject"] == []
+    assert json.loads((tmp_path / "manifest.json").read_text())["predicate"]["status"] == "failed"
+
+
+def test_subject_outside_the_run_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "secret").write_bytes(b"x")
+    data = {
+        "subject": [{"name": "../secret", "digest": {"sha256": hashlib.sha256(b"x").hexdigest()}}]
+    }
+    assert check_subjects(tmp_path / "run", data) == [
+        f"subject ../secret: no such file in {tmp_path / 'run'}"
+    ]
+
+
+def test_hand_edit_is_detected(tmp_path: Path) -> None:
+    write_run(tmp_path, "succeeded")
+    finalize(tmp_path, host())
+    path = tmp_path / "manifest.json"
+    path.write_text(path.read_text().replace('"final_loss": 1.5', '"final_loss": 0.5'))
+    assert "changed after the run" in (manifest_edited(tmp_path) or "")
+    (tmp_path / MANIFEST_DIGEST).unlink()
+    assert "missing" in (manifest_edited(tmp_path) or "")

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlc.runtime.reproduce import (
+    compare_files,
+    hardware_verdict,
+    hash_tree,
+    metric_verdict,
+    output_verdicts,
+)
+
+
+def manifest(adapter_sha: str, final_loss: float, gpus: list[str]) -> dict:
+    return {
+        "subject": [
+            {"name": "adapter/adapter_model.safetensors", "digest": {"sha256": adapter_sha}}
+        ],
+        "predicate": {
+            "metrics": {"final_loss": final_loss},
+            "environment": {"gpus": gpus, "torch": "2.13.0"},
+        },
+    }
+
+
+def test_identical_adapters_are_bit_identical() -> None:
+    old, new = manifest("a" * 64, 1.0, []), manifest("a" * 64, 1.0, [])
+    adapter, metrics, hardware = output_verdicts(old, new)
+    assert adapter.ok and adapter.detail == "bit-identical"
+    assert metrics.ok and hardware.ok
+
+
+def test_different_adapter_within_tolerance_names_the_file() -> None:
+    adapter, metrics, _ = output_verdicts(
+        manifest("a" * 64, 1.0, []), manifest("b" * 64, 1.005, [])
+    )
+    assert not adapter.ok
+    assert adapter.detail == (
+        "changed: adapter/adapter_model.safetensors: sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb"
+    )
+    assert metrics.ok and "within 1%" in metrics.detail
+
+
+def test_metrics_outside_tolerance() -> None:
+    verdict = metric_verdict({"final_loss": 1.0}, {"final_loss": 1.2})
+    assert not verdict.ok and "final_loss 1 -> 1.2" in verdict.detail
+
+
+def test_hardware_change_is_named() -> None:
+    verdict = hardware_verdict(
+        manifest("a", 1, ["NVIDIA H100"])["predicate"],
+        manifest("a", 1, ["NVIDIA A100"])["predicate"],
+    )
+    assert not verdict.ok and verdict.detail == "gpus: ['NVIDIA H100'] -> ['NVIDIA A100']"
+
+
+def test_compare_files_names_changed_added_removed() -> None:
+    verdict = compare_files(
+        "data hash", {"a": "1" * 64, "b": "2" * 64}, {"a": "3" * 64, "c": "4" * 64}
+    )
+    assert not verdict.ok
+    assert verdict.detail == (
+        "changed: a: sha256 111111111111 -> 333333333333; c: added; b: removed"
+    )
+
+
+def test_hash_tree_matches_the_training_scripts_layout(tmp_path: Path) -> None:
+    (tmp_path / "m" / ".cache").mkdir(parents=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / ".cache" / "x").write_text("skip")
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    assert list(hash_tree(tmp_path / "m")) == ["config.json"]
+    assert list(hash_tree(tmp_path / "d.jsonl")) == ["d.jsonl"]
