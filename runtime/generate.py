@@ -50,7 +50,8 @@ class RunInputs:
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.plan["spec"]
+        spec: dict[str, Any] = self.plan["spec"]
+        return spec
 
 
 def sha256_file(path: Path) -> str:
@@ -113,16 +114,46 @@ def verify_adapter(run_dir: Path, manifest: dict[str, Any]) -> Path:
     return adapter
 
 
-def find_plan(run_dir: Path, expected_sha256: str) -> dict[str, Any]:
-    """plan.json beside the run, or the build context of this project that holds it."""
-    candidates = [run_dir / PLAN, *sorted(STATE_CONTEXTS.glob(f"*/{PLAN}"))]
-    for path in candidates:
-        if path.is_file() and sha256_file(path) == expected_sha256:
-            return json.loads(path.read_bytes())
+def recorded_spec(manifest: dict[str, Any]) -> Path | None:
+    """The spec file the runtime recorded for this run (host.spec_path), if it is still there."""
+    spec_path = (manifest["predicate"].get("host") or {}).get("spec_path")
+    return Path(spec_path) if spec_path and Path(spec_path).is_file() else None
+
+
+def compiled_plan(spec_path: Path, spec_name: str) -> bytes | None:
+    """plan.json as `qlc compile` makes it from the spec (and its lock) as they are now."""
+    from qlc.compiler.context import compile_spec, lock_name
+    from qlc.compiler.load import SpecError
+
+    lock = Path(lock_name(str(spec_path)))
+    try:
+        context = compile_spec(
+            spec_path.read_bytes(), spec_name, lock.read_bytes() if lock.is_file() else None
+        )
+    except (SpecError, OSError):
+        return None
+    plan: bytes | None = context.files.get(PLAN)
+    return plan
+
+
+def find_plan(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run's plan, by its sha256: beside the run, in this project's build contexts, or
+    compiled again from the recorded spec (a plan is a pure function of spec and lock)."""
+    expected = manifest["predicate"].get("plan_sha256") or ""
+    for path in [run_dir / PLAN, *sorted(STATE_CONTEXTS.glob(f"*/{PLAN}"))]:
+        if path.is_file() and sha256_file(path) == expected:
+            plan: dict[str, Any] = json.loads(path.read_bytes())
+            return plan
+    spec_path = recorded_spec(manifest)
+    spec_name = (manifest["predicate"].get("spec") or {}).get("name") or ""
+    compiled = compiled_plan(spec_path, spec_name) if spec_path else None
+    if compiled is not None and hashlib.sha256(compiled).hexdigest() == expected:
+        plan = json.loads(compiled)
+        return plan
     raise RunInputError(
-        f"{run_dir}: no plan.json with the manifest's plan_sha256 {expected_sha256[:12]}... "
-        f"(looked in {run_dir / PLAN} and {STATE_CONTEXTS}/*/): copy the run's build "
-        "context's plan.json into the run directory"
+        f"{run_dir}: no plan with the manifest's plan_sha256 {expected[:12]}... (looked in "
+        f"{run_dir / PLAN}, {STATE_CONTEXTS}/*/ and the recorded spec "
+        f"{spec_path or 'none'}): copy the run's build context's plan.json into the run directory"
     )
 
 
@@ -142,14 +173,29 @@ def check_model_files(path: Path, recorded: dict[str, str]) -> None:
             )
 
 
-def recorded_model_dir(run_dir: Path, model: dict[str, Any]) -> Path:
-    """Where the run's local model is now: its recorded path, or the run's own smoke model."""
-    if not model.get("path"):
-        raise RunInputError(f"{run_dir / MANIFEST}: records no model path: pass --model PATH")
-    recorded, smoke_model = Path(model["path"]), run_dir / "smoke-model"
-    if not recorded.is_dir() and smoke_model.is_dir():  # the container's /out/smoke-model
-        return smoke_model
-    return recorded
+def recorded_model_dir(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Where the run's local model is now: its recorded path when it exists here, the run's own
+    smoke model, or the recorded spec's model.path (a container saw it at /inputs/model)."""
+    model = manifest["predicate"].get("inputs", {}).get("model", {})
+    recorded = Path(model.get("path") or "")
+    if model.get("path") and recorded.is_dir():
+        return recorded
+    if (run_dir / "smoke-model").is_dir():  # the container's /out/smoke-model
+        return run_dir / "smoke-model"
+    spec_path = recorded_spec(manifest)
+    if spec_path is not None:
+        from qlc.compiler.load import SpecError, load_spec_file
+
+        try:
+            spec, _ = load_spec_file(spec_path)
+        except SpecError:
+            spec = None
+        if spec is not None and spec.model.path is not None:
+            found: Path = (spec_path.resolve().parent / spec.model.path).resolve()
+            return found
+    raise RunInputError(
+        f"the run's base model was at {model.get('path')!r}, which is not here: pass --model PATH"
+    )
 
 
 def resolve_base(run_dir: Path, manifest: dict[str, Any], override: Path | None) -> BaseModelRef:
@@ -164,7 +210,7 @@ def resolve_base(run_dir: Path, manifest: dict[str, Any], override: Path | None)
         if not model.get("id"):
             raise RunInputError(f"{run_dir / MANIFEST}: records neither model files nor a hub id")
         return BaseModelRef(model["id"], model.get("revision"), local=False)
-    path = override or recorded_model_dir(run_dir, model)
+    path = override or recorded_model_dir(run_dir, manifest)
     check_model_files(path, recorded)
     return BaseModelRef(str(path), None, local=True)
 
@@ -173,7 +219,7 @@ def open_run(run: Path, base_model_path: Path | None = None) -> RunInputs:
     """Read and verify a run (directory or manifest path); raise RunInputError if untrusted."""
     run_dir, manifest, manifest_sha = read_manifest(Path(run))
     adapter = verify_adapter(run_dir, manifest)
-    plan = find_plan(run_dir, manifest["predicate"].get("plan_sha256") or "")
+    plan = find_plan(run_dir, manifest)
     base = resolve_base(run_dir, manifest, base_model_path)
     return RunInputs(run_dir, manifest, manifest_sha, plan, adapter, base)
 
@@ -203,9 +249,9 @@ def render_prompt(
         return prompt
     if data["format"] == "instruction":
         row = {data["prompt_field"]: prompt, data["response_field"]: ""}
-        return script.render_instruction(row, data, 0).prompt
+        return str(script.render_instruction(row, data, 0).prompt)
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-    return script.render_chat({data["messages_field"]: messages}, data, 0, tokenizer).prompt
+    return str(script.render_chat({data["messages_field"]: messages}, data, 0, tokenizer).prompt)
 
 
 def encode(prompt: str, tokenizer: Any) -> dict[str, Any]:
@@ -243,7 +289,7 @@ def load_model(inputs: RunInputs, script: types.ModuleType, *, quantized: bool, 
         quant_spec = spec if cuda else script.smoke_spec(spec, cuda=False)  # CPU: float32 compute
         kwargs["quantization_config"] = script.bnb_config(quant_spec)
         dtype = script.torch_dtype(quant_spec["quantization"]["compute_dtype"])
-    return AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         inputs.base.source,
         revision=inputs.base.revision,
         token=os.environ.get("HF_TOKEN") or None,
@@ -251,7 +297,8 @@ def load_model(inputs: RunInputs, script: types.ModuleType, *, quantized: bool, 
         dtype=dtype,
         device_map={"": 0} if cuda else None,
         **kwargs,
-    ).eval()
+    )
+    return model.eval()
 
 
 def with_adapter(model: Any, inputs: RunInputs) -> Any:

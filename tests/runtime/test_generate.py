@@ -37,12 +37,16 @@ def tiny_spec(train_overrides: str) -> bytes:
     return (head + "[train]\n" + train_overrides + tail).encode()
 
 
+TRAIN = (
+    'max_steps = 6\nbatch_size = 4\nlearning_rate = 5e-2\nlr_scheduler = "constant"\n'
+    'optimizer = "adamw_torch"\nlogging_steps = 1\n'
+)
+
+
 def train_tiny_run(directory: Path) -> Path:
     """Compile and run the training script; the run directory, with its plan beside it."""
-    train = 'max_steps = 6\nbatch_size = 4\nlearning_rate = 5e-2\nlr_scheduler = "constant"\n'
-    train += 'optimizer = "adamw_torch"\nlogging_steps = 1\n'
     lock = (REPO / "specs" / "tiny.lock").read_bytes()
-    context = compile_spec(tiny_spec(train), "specs/tiny.toml", lock)
+    context = compile_spec(tiny_spec(TRAIN), "specs/tiny.toml", lock)
     ctx, run = directory / "context", directory / "run"
     ctx.mkdir(parents=True)
     for name, data in context.files.items():
@@ -209,3 +213,33 @@ def test_missing_or_different_base_model_is_refused(
     code, _, err = call_cli([*args, "--model", str(changed)], capsys)
     assert code == 2
     assert "extra.safetensors was not part of the run's model" in err
+
+
+@pytest.mark.slow
+def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `qlc run` leaves it: the model was mounted at /inputs/model, the run directory has
+    no plan.json, and the runtime recorded the spec's path on the host."""
+    from qlc.runtime.generate import RunInputError, open_run
+
+    project = tmp_path / "project"
+    (project / "specs").mkdir(parents=True)
+    (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN))
+    shutil.copy(REPO / "specs" / "tiny.lock", project / "specs" / "tiny.lock")
+    shutil.copytree(TINY / "model", project / "specs" / "tiny" / "model")
+    moved = copy_run(run_dir, tmp_path / "run")
+    (moved / "plan.json").unlink()
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["predicate"]["inputs"]["model"]["path"] = "/inputs/model"
+    manifest["predicate"]["host"] = {"spec_path": str(project / "specs" / "tiny.toml")}
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)  # no .qlc/contexts here
+
+    opened = open_run(moved)
+    assert opened.base.source == str((project / "specs" / "tiny" / "model").resolve())
+    assert opened.plan == json.loads((run_dir / "plan.json").read_text())
+
+    (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN + "weight_decay = 0.5\n"))
+    with pytest.raises(RunInputError, match="no plan with the manifest's plan_sha256"):
+        open_run(moved)
