@@ -24,6 +24,7 @@ TARGETS = ("kubernetes", "aws-batch", "gcp-batch", "skypilot")
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
 OUTPUT_MOUNT = "/qlc/output"
 MASTER_PORT = 29500
+IMAGE_UID = 10001  # the user templates/Dockerfile.j2 runs the training script as
 DIGEST_REF = re.compile(r"^(?P<repo>[a-z0-9][a-z0-9._:/-]*[a-z0-9])@sha256:[0-9a-f]{64}$")
 
 
@@ -97,9 +98,16 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
         raise ExportError(f"retries must be 0 or more (got {options.retries})")
     runtime = plan.spec.get("runtime", {})
     job = plan.spec["job"]
-    gpus = runtime.get("gpus", 1) if options.gpus_per_node is None else options.gpus_per_node
+    spec_gpus = int(runtime.get("gpus", 1))
+    gpus = spec_gpus if options.gpus_per_node is None else options.gpus_per_node
     if gpus < 0:
         raise ExportError(f"--gpus-per-node must be 0 or more (got {gpus})")
+    if gpus < spec_gpus:
+        raise ExportError(
+            f"--gpus-per-node {gpus} is fewer than the spec's runtime.gpus = {spec_gpus}, which "
+            "the training script in the image checks on every node: request at least "
+            f"{spec_gpus}, or lower runtime.gpus in the spec and rebuild"
+        )
     output_dir = str(job.get("output_dir", "runs"))
     is_uri = output_dir.startswith(OBJECT_STORE_SCHEMES)
     if not is_uri and options.volume is None:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from qlc.runtime.export import (
+    IMAGE_UID,
     MASTER_PORT,
     OUTPUT_MOUNT,
     ExportError,
@@ -138,7 +139,7 @@ def kubernetes(shape: JobShape) -> dict[str, str]:
         name=name, secret_object=K8S_SECRET, multi=multi, nodes=shape.nodes,
         master_port=MASTER_PORT,
         labels=labels(shape), job_labels=job_labels, pod_labels=labels(shape),
-        backoff_limit=shape.retries, image=shape.image, command=command, env=env,
+        backoff_limit=shape.retries, uid=IMAGE_UID, image=shape.image, command=command, env=env,
         resources={"limits": limits} if limits else {}, volumes=volumes, mounts=mounts,
     )  # fmt: skip
     return {"job.yaml": text}
@@ -230,7 +231,10 @@ def gcp_batch(shape: JobShape) -> dict[str, str]:
             "GCP Batch mounts Cloud Storage buckets only: set job.output_dir to "
             f"gs://BUCKET/PATH (got {uri or shape.output_subdir!r})"
         )
-    volumes = [{"gcs": {"remotePath": uri.removeprefix("gs://")}, "mountPath": OUTPUT_MOUNT}]
+    # gcsfuse options: the image's user owns the files; the container (not root) may enter.
+    fuse = [f"--uid={IMAGE_UID}", f"--gid={IMAGE_UID}", "--implicit-dirs", "-o allow_other"]
+    volumes = [{"gcs": {"remotePath": uri.removeprefix("gs://")}, "mountPath": OUTPUT_MOUNT,
+                "mountOptions": fuse}]  # fmt: skip
     variables = {**shape.env, **output_env(shape)}
     command = launch_command(shape)
     if shape.nodes > 1:

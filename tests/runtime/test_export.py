@@ -35,7 +35,7 @@ id = "mlabonne/guanaco-llama2-1k"
 format = "text"
 
 [runtime]
-gpus = 1
+gpus = {gpus}
 shm_size = "8g"
 secrets = ["HF_TOKEN", "WANDB_API_KEY"]
 
@@ -45,8 +45,8 @@ QLC_NOTE = "it's \\"quoted\\" & <odd> $HOME $(date) `ls` ünïcode\\nsecond line
 """
 
 
-def make_plan(output_dir: str) -> Plan:
-    source = SPEC.format(output_dir=output_dir).encode()
+def make_plan(output_dir: str, gpus: int = 1) -> Plan:
+    source = SPEC.format(output_dir=output_dir, gpus=gpus).encode()
     return compile_spec(source, "export-test.toml", require_lock=False).plan
 
 
@@ -203,6 +203,10 @@ def test_kubernetes_multi_node_is_an_indexed_job_behind_a_headless_service() -> 
     volumes = {volume.name: volume for volume in job.spec.template.spec.volumes}
     assert volumes["output"].persistent_volume_claim.claim_name == "qlc-runs"
     assert volumes["dshm"].empty_dir.size_limit == "8Gi"
+    pod = job.spec.template.spec
+    assert pod.security_context.run_as_user == pod.security_context.fs_group == 10001
+    rule = job.spec.pod_failure_policy.rules[0]
+    assert (rule.action, rule.on_pod_conditions[0].type) == ("Ignore", "DisruptionTarget")
 
 
 def test_aws_multi_node_parallel_with_retries_for_spot() -> None:
@@ -272,6 +276,7 @@ EFS = {"volume": "fs-0123456789abcdef0"}
         ("gs://b/runs", "gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
         ("gs://b/runs", "gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3"),
         ("s3://b/runs", "kubernetes", {"gpus_per_node": -1}, "0 or more"),
+        ("s3://b/runs", "skypilot", {"gpus_per_node": 0}, "fewer than the spec's runtime.gpus"),
         ("s3://b/runs", "nomad", {}, "unknown target 'nomad'"),
         # output locations an engine cannot mount
         ("runs", "kubernetes", {}, "local path, which a batch job cannot reach"),
@@ -290,8 +295,8 @@ def test_refusals(output_dir: str, target: str, arguments: dict[str, Any], messa
 
 
 def test_cpu_only_export_is_allowed_on_a_cpu_instance() -> None:
-    files = export(make_plan("runs"), IMAGE, "aws-batch", gpus_per_node=0,
-                   instance_type="m5.xlarge", **EFS)  # fmt: skip
+    files = export(make_plan("runs", gpus=0), IMAGE, "aws-batch", instance_type="m5.xlarge",
+                   **EFS)  # fmt: skip
     validate_aws("job-definition.json", files["job-definition.json"])
     assert '"GPU"' not in files["job-definition.json"]
 
