@@ -250,7 +250,9 @@ def provenance_lines(plan: dict[str, Any], manifest: dict[str, Any], adapter: Pa
         "## Provenance",
         "",
         "The run's `manifest.json` (an in-toto statement) lists every adapter file, this card "
-        "included, with its sha256. The hashes that identify this adapter:",
+        "included, with its sha256; the runtime writes the manifest's own sha256 to "
+        "`manifest.sha256` beside it once the run has ended. The hashes that identify this "
+        "adapter:",
         "",
         *table(("what", "sha256 / value"), rows),
         "Reproduce it from the run directory: `qlc reproduce manifest.json`",

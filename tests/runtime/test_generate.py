@@ -243,3 +243,34 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
     (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN + "weight_decay = 0.5\n"))
     with pytest.raises(RunInputError, match="no plan with the manifest's plan_sha256"):
         open_run(moved)
+
+
+@pytest.mark.slow
+def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The order train.py is asked to use: card first, then its own finish_manifest hashes
+    adapter/ (card included), then the manifest is written."""
+    import yaml
+
+    from qlc.templates.model_card import write_model_card
+
+    run = copy_run(run_dir, tmp_path / "run")
+    plan = json.loads((run / "plan.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    script = training_script(plan)
+    card = write_model_card(run, plan, manifest)
+    script.finish_manifest(manifest, run, "succeeded", None)
+    script.write_json_atomic(run / "manifest.json", manifest)
+
+    subjects = {s["name"]: s["digest"]["sha256"] for s in manifest["subject"]}
+    assert subjects["adapter/README.md"] == script.sha256_file(card)
+    text = card.read_text(encoding="utf-8")
+    header = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+    assert header["base_model"] == plan["spec"]["model"]["path"]
+    assert f"sha256:{subjects['adapter/adapter_model.safetensors']}" in text
+    assert f"sha256:{manifest['predicate']['plan_sha256']}" in text
+    args = ["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", "4"]
+    code, printed, err = call_cli(args, capsys)
+    assert code == 0, err
+    assert printed.strip()
