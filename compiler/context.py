@@ -74,7 +74,8 @@ def compile_spec(
         expected = lock_input_hash(plan.stack, plan.stack.python, PLATFORM)
         wanted = describe_inputs(plan.stack, plan.stack.python, PLATFORM)
         try:
-            check_lock(lock, expected, expected_for=wanted, spec_name=spec_name)
+            check_lock(lock, expected, expected_for=wanted, spec_name=spec_name,
+                       required=plan.stack.requirements())  # fmt: skip
         except LockError as err:
             raise SpecError(
                 [Diagnostic(lock_file, getattr(err, "line", 1) or 1, 1, "", str(err))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qlc.compiler.plan import Stack
@@ -189,8 +190,14 @@ def check_lock(
     *,
     expected_for: str = "",
     spec_name: str = "SPEC",
+    required: Sequence[str] = (),
 ) -> Lock:
-    """Parse a lock and check it was resolved for what the plan needs now."""
+    """Parse a lock and check it was resolved for what the plan needs now.
+
+    `required` lists `name==version` pins (the plan's top-level requirements) that the lock
+    must hold exactly: a truncated or hand-trimmed lock keeps its header hash, so the header
+    alone cannot tell that packages went missing.
+    """
     try:
         text = lock_bytes.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -204,5 +211,18 @@ def check_lock(
             f"{now}; run `qlc lock {spec_name}`",
             1,
         )
+    _check_required(lock, required, text, spec_name)
     sha256 = hashlib.sha256(lock_bytes).hexdigest()
     return Lock(lock.input_hash, lock.resolved_for, lock.requirements, sha256)
+
+
+def _check_required(lock: Lock, required: Sequence[str], text: str, spec_name: str) -> None:
+    for pin in required:
+        name, _, version = pin.partition("==")
+        found = lock.version_of(name)
+        if found != version:
+            what = "does not pin" if found is None else f"pins {name}=={found}, not"
+            raise LockError(
+                f"the lock {what} {pin} (truncated or edited by hand?); run `qlc lock {spec_name}`",
+                max(1, len(text.splitlines())),
+            )

@@ -68,6 +68,13 @@ def _relative_path(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    """NUL ends a C string: Arrow column names and process environments cannot hold one."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
 def _input_path(value: str) -> str:
     if "\x00" in value or not value.strip():
         raise ValueError("must be a non-empty path without NUL bytes")
@@ -231,6 +238,12 @@ class Data(Section):
     packing: Annotated[
         bool, Field(description="Pack several examples into one sequence (kept separate).")
     ] = False
+
+    @field_validator("text_field", "prompt_field", "input_field", "response_field",
+                     "messages_field")  # fmt: skip
+    @classmethod
+    def _field_names(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value)
 
     @field_validator("path")
     @classmethod
@@ -451,6 +464,14 @@ class Runtime(Section):
         list[Annotated[str, Field(pattern=ENV_NAME)]],
         Field(description="Names of environment variables passed through at run time only."),
     ] = []
+
+    @field_validator("env")
+    @classmethod
+    def _env_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if "\x00" in text:
+                raise RuleError(name, "must not contain a NUL byte")
+        return value
 
     @model_validator(mode="after")
     def _rules(self) -> Runtime:
