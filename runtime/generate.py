@@ -6,8 +6,9 @@ the manifest's plan_sha256, and the base model is the one training saw (local fi
 recorded sha256 each, or the hub id at the recorded revision).
 
 Prompts go through the training script's own code: the plan renders train.py (pure, as
-`qlc compile` does) and its render functions and BOS rule are used here, so a prompt is
-tokenized the way the training examples were (same template, same special tokens, one BOS).
+`qlc compile` does) and its render functions (text / instruction template / chat template) and
+BitsAndBytes mapping are used here; `encode` applies training's token rule (special tokens
+added, a doubled BOS dropped), so a prompt becomes the tokens a training example started with.
 """
 
 from __future__ import annotations
@@ -277,18 +278,19 @@ def load_tokenizer(inputs: RunInputs) -> Any:
     return tokenizer
 
 
-def load_model(inputs: RunInputs, script: types.ModuleType, *, quantized: bool, dtype: Any) -> Any:
-    """The base model (4-bit as the run's plan says, or full weights in dtype)."""
+def load_model(inputs: RunInputs, script: types.ModuleType, dtype: Any = None) -> Any:
+    """The base model as training loaded it (4-bit per the plan, compute dtype), or, given a
+    dtype, its full weights in that dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = inputs.spec
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
-    if quantized and spec["quantization"]["load_in_4bit"]:
-        quant_spec = spec if cuda else script.smoke_spec(spec, cuda=False)  # CPU: float32 compute
-        kwargs["quantization_config"] = script.bnb_config(quant_spec)
-        dtype = script.torch_dtype(quant_spec["quantization"]["compute_dtype"])
+    if dtype is None:
+        trained = spec if cuda else script.smoke_spec(spec, cuda=False)  # CPU: float32 compute
+        kwargs["quantization_config"] = script.bnb_config(trained)  # None: not 4-bit
+        dtype = script.torch_dtype(trained["quantization"]["compute_dtype"])
     model: Any = AutoModelForCausalLM.from_pretrained(
         inputs.base.source,
         revision=inputs.base.revision,
@@ -305,6 +307,19 @@ def with_adapter(model: Any, inputs: RunInputs) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(inputs.adapter_dir), is_trainable=False).eval()
+
+
+def complete(
+    model: Any, tokenizer: Any, text: str, max_new_tokens: int, sampling: dict[str, Any]
+) -> str:
+    import torch
+
+    enc = {k: v.to(model.device) for k, v in encode(text, tokenizer).items()}
+    with torch.no_grad():
+        ids = model.generate(
+            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
+    return str(tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def generate(
@@ -330,29 +345,17 @@ def generate(
     inputs = open_run(run, base_model_path)
     script = training_script(inputs.plan)
     tokenizer = load_tokenizer(inputs)
-    model = load_model(inputs, script, quantized=True, dtype=None)
+    model = load_model(inputs, script)
     if use_adapter:
         model = with_adapter(model, inputs)
     seed = inputs.spec["job"]["seed"] if seed is None else seed
-    sampling = (
-        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    )
+    sampling = {
+        "do_sample": temperature > 0,
+        **({"temperature": temperature} if temperature else {}),
+    }
     answers = []
     for prompt in prompts:
-        enc = {
-            k: v.to(model.device)
-            for k, v in encode(
-                render_prompt(script, inputs.spec, prompt, tokenizer), tokenizer
-            ).items()
-        }
         torch.manual_seed(seed)
-        with torch.no_grad():
-            ids = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        new = ids[0, enc["input_ids"].shape[1] :]
-        answers.append(tokenizer.decode(new, skip_special_tokens=True))
+        text = render_prompt(script, inputs.spec, prompt, tokenizer)
+        answers.append(complete(model, tokenizer, text, max_new_tokens, sampling))
     return answers

@@ -118,13 +118,14 @@ def merge_into(inputs: RunInputs, staging: Path, dtype: str) -> tuple[float, flo
     """Save the merged model to staging; (max diff, reference max, adapter effect, prompts)."""
     import gc
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     script = training_script(inputs.plan)
     tokenizer = load_tokenizer(inputs)
     encoded = [encode(p, tokenizer) for p in held_out_prompts(inputs, script, tokenizer)]
     weights = torch_dtype(dtype)
-    base = load_model(inputs, script, quantized=False, dtype=weights).float()  # exact upcast
+    base = load_model(inputs, script, dtype=weights).float()  # exact upcast
     model = with_adapter(base, inputs)
     reference = logits_of(model, encoded)
     with model.disable_adapter():
@@ -132,9 +133,14 @@ def merge_into(inputs: RunInputs, staging: Path, dtype: str) -> tuple[float, flo
     merged = model.merge_and_unload().to(weights)  # W + BA in float32, rounded once
     merged.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(staging)
-    del model, merged
+    del model, merged, base
     gc.collect()
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=weights).float().eval()
+    torch.cuda.empty_cache()
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    reloaded: Any = AutoModelForCausalLM.from_pretrained(
+        staging, dtype=weights, device_map=device_map
+    )
+    reloaded = reloaded.float().eval()
     measured = max_abs_diff(logits_of(reloaded, encoded), reference)
     reference_max = max(float(r.abs().max()) for r in reference)
     return measured, reference_max, effect, len(encoded)
