@@ -176,3 +176,21 @@ def test_qlc_push_to_a_real_registry_then_pull_by_digest_and_run(
     finally:
         api.remove_container(container, force=True)
         api.remove_image(reference, force=True)
+
+
+def test_cli_finds_the_build_to_push(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlc.cli import UserError, build_to_push
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(
+        '[job]\nname = "tiny"\n[model]\nid = "a/b"\n[data]\nid = "c/d"\nformat = "text"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="is not built"):
+        build_to_push(str(spec))
+    records.save_build(tmp_path, build_record("qlc/tiny:abc", "sha256:" + "1" * 64))
+    assert build_to_push(None) == ("qlc/tiny:abc", "tiny")
+    assert build_to_push(str(spec)) == ("qlc/tiny:abc", "tiny")
+    assert build_to_push("qlc/tiny:abc") == ("qlc/tiny:abc", "tiny")
+    assert build_to_push("other/image:1") == ("other/image:1", None)
