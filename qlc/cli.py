@@ -446,6 +446,9 @@ def export_command(
     job_queue: Annotated[
         str | None, typer.Option("--job-queue", help="AWS Batch: also write submit-job.json.")
     ] = None,
+    project: Annotated[
+        str | None, typer.Option("--project", help="GCP Batch: project of the secrets.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing job files.")] = False,
 ) -> None:
     """Write a ready-to-submit job file that runs the pushed image, pinned by digest."""
@@ -470,6 +473,7 @@ def export_command(
             plan, image, target, nodes=nodes, gpus_per_node=gpus_per_node,
             kueue_queue=kueue_queue, volume=volume, retries=retries,
             instance_type=instance_type, accelerator=accelerator, job_queue=job_queue,
+            project=project,
         )  # fmt: skip
         paths = write_export(files, output or Path("export") / job / target, overwrite=force)
     except ExportError as error:

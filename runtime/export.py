@@ -46,6 +46,7 @@ class ExportOptions:
     job_queue: str | None = None
     cpus: int | None = None
     memory_gib: int | None = None
+    project: str | None = None
 
 
 @dataclass(frozen=True)

@@ -241,9 +241,7 @@ def gcp_batch(shape: JobShape) -> dict[str, str]:
         master = '$(head -n 1 "$BATCH_HOSTS_FILE")'
         script = torchrun_script(shape, "$BATCH_TASK_COUNT", "$BATCH_TASK_INDEX", master)
         command = ["/bin/sh", "-c", script]
-    secret_variables = {
-        secret: f"projects/PROJECT_ID/secrets/{secret}/versions/latest" for secret in shape.secrets
-    }
+    secret_variables = gcp_secrets(shape)
     text = render_template(
         "gcp-batch.job.json.j2",
         nodes=shape.nodes, multi=shape.nodes > 1, image=shape.image,
@@ -278,6 +276,19 @@ def gcp_machine(shape: JobShape) -> tuple[str, list[dict[str, Any]]]:
             "--accelerator TYPE (e.g. nvidia-tesla-t4)"
         )
     return machine, []
+
+
+def gcp_secrets(shape: JobShape) -> dict[str, str]:
+    """Secret Manager versions named after the secrets, in the project given."""
+    project = shape.options.project
+    if shape.secrets and project is None:
+        raise ExportError(
+            f"gcp-batch reads the secrets {', '.join(shape.secrets)} from Secret Manager: pass "
+            "--project PROJECT_ID (secrets of the same names must exist there)"
+        )
+    if project is not None and not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", project):
+        raise ExportError(f"--project {project!r} is not a GCP project id")
+    return {name: f"projects/{project}/secrets/{name}/versions/latest" for name in shape.secrets}
 
 
 def gcp_labels(shape: JobShape) -> dict[str, str]:

@@ -61,10 +61,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "aws-batch-multi": ("runs", {"target": "aws-batch", "nodes": 2, "gpus_per_node": 8,
                                  "instance_type": "p4d.24xlarge", "job_queue": "gpu-queue",
                                  "volume": "fs-0123456789abcdef0"}),
-    "gcp-batch-single": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch"}),
+    "gcp-batch-single": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch",
+                                                        "project": "qlc-test-project"}),
     "gcp-batch-multi": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch", "nodes": 3,
                                                        "gpus_per_node": 8,
-                                                       "instance_type": "a3-highgpu-8g"}),
+                                                       "instance_type": "a3-highgpu-8g",
+                                                       "project": "qlc-test-project"}),
     "skypilot-single": ("s3://qlc-test-bucket/runs", {"target": "skypilot"}),
     "skypilot-multi": ("gs://qlc-test-bucket/runs", {"target": "skypilot", "nodes": 2,
                                                       "gpus_per_node": 8, "accelerator": "H100"}),
@@ -231,7 +233,10 @@ def test_gcp_multi_node_task_group_mounts_the_bucket() -> None:
     assert group.task_count == 3 and group.require_hosts_file
     assert group.task_spec.volumes[0].gcs.remote_path == "qlc-test-bucket/runs"
     assert group.task_spec.environment.variables["QLC_OUTPUT_DIR"] == "/qlc/output"
-    assert set(group.task_spec.environment.secret_variables) == {"HF_TOKEN", "WANDB_API_KEY"}
+    assert dict(group.task_spec.environment.secret_variables) == {
+        name: f"projects/qlc-test-project/secrets/{name}/versions/latest"
+        for name in ("HF_TOKEN", "WANDB_API_KEY")
+    }
     assert group.task_spec.runnables[0].container.image_uri == IMAGE
 
 
@@ -275,6 +280,8 @@ EFS = {"volume": "fs-0123456789abcdef0"}
         ("runs", "aws-batch", {"retries": 10, **EFS}, "at most 9 retries"),
         ("gs://b/runs", "gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
         ("gs://b/runs", "gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3"),
+        ("gs://b/runs", "gcp-batch", {}, "pass --project PROJECT_ID"),
+        ("gs://b/runs", "gcp-batch", {"project": "Bad_Project"}, "not a GCP project id"),
         ("s3://b/runs", "kubernetes", {"gpus_per_node": -1}, "0 or more"),
         ("s3://b/runs", "skypilot", {"gpus_per_node": 0}, "fewer than the spec's runtime.gpus"),
         ("s3://b/runs", "nomad", {}, "unknown target 'nomad'"),
