@@ -449,6 +449,13 @@ def export_command(
     project: Annotated[
         str | None, typer.Option("--project", help="GCP Batch: project of the secrets.")
     ] = None,
+    execution_role: Annotated[
+        str | None, typer.Option("--execution-role", help="AWS Batch: role that reads secrets.")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", min=1, help="AWS Batch: vCPUs.")] = None,
+    memory_gib: Annotated[
+        int | None, typer.Option("--memory-gib", min=1, help="AWS Batch: memory in GiB.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing job files.")] = False,
 ) -> None:
     """Write a ready-to-submit job file that runs the pushed image, pinned by digest."""
@@ -473,7 +480,7 @@ def export_command(
             plan, image, target, nodes=nodes, gpus_per_node=gpus_per_node,
             kueue_queue=kueue_queue, volume=volume, retries=retries,
             instance_type=instance_type, accelerator=accelerator, job_queue=job_queue,
-            project=project,
+            project=project, execution_role=execution_role, cpus=cpus, memory_gib=memory_gib,
         )  # fmt: skip
         paths = write_export(files, output or Path("export") / job / target, overwrite=force)
     except ExportError as error:

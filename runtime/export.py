@@ -47,6 +47,7 @@ class ExportOptions:
     cpus: int | None = None
     memory_gib: int | None = None
     project: str | None = None
+    execution_role: str | None = None
 
 
 @dataclass(frozen=True)

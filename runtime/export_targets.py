@@ -187,6 +187,8 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
     }  # fmt: skip
     if multi and instance:
         container["instanceType"] = instance
+    if shape.secrets:
+        container["executionRoleArn"] = aws_execution_role(shape)
     files = {"job-definition.json": pretty_json(render_template(
         "aws-batch.job-definition.json.j2", name=name, multi=multi, nodes=shape.nodes,
         attempts=shape.retries + 1, tags=aws_tags(shape), container=container))}  # fmt: skip
@@ -195,6 +197,20 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
             "aws-batch.submit-job.json.j2", name=name, queue=shape.options.job_queue,
             multi=multi, nodes=shape.nodes, tags=aws_tags(shape)))  # fmt: skip
     return files
+
+
+def aws_execution_role(shape: JobShape) -> str:
+    """The role AWS Batch assumes to read the secrets (SSM parameters of the same names)."""
+    role = shape.options.execution_role
+    if role is None:
+        raise ExportError(
+            f"aws-batch injects the secrets {', '.join(shape.secrets)} from SSM Parameter Store "
+            "(parameters of the same names) through an execution role: pass "
+            "--execution-role arn:aws:iam::ACCOUNT:role/NAME"
+        )
+    if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", role):
+        raise ExportError(f"--execution-role {role!r} is not an IAM role ARN")
+    return str(role)
 
 
 def aws_tags(shape: JobShape) -> dict[str, str]:

@@ -21,6 +21,7 @@ UPDATE = os.environ.get("QLC_UPDATE_GOLDEN") == "1"
 # A clearly fake digest for tests only: sha256 of b"qlc-test-image".
 TEST_DIGEST = "sha256:" + hashlib.sha256(b"qlc-test-image").hexdigest()
 IMAGE = f"registry.example.com/qlc/export-test@{TEST_DIGEST}"
+ROLE = "arn:aws:iam::123456789012:role/qlc-batch-execution"
 
 SPEC = """
 [job]
@@ -57,10 +58,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "kubernetes-multi": ("runs", {"target": "kubernetes", "nodes": 2, "gpus_per_node": 4,
                                   "kueue_queue": "team-a", "volume": "qlc-runs"}),
     "aws-batch-single": ("runs", {"target": "aws-batch", "instance_type": "g5.2xlarge",
-                                  "volume": "fs-0123456789abcdef0"}),
+                                  "volume": "fs-0123456789abcdef0", "execution_role": ROLE}),
     "aws-batch-multi": ("runs", {"target": "aws-batch", "nodes": 2, "gpus_per_node": 8,
                                  "instance_type": "p4d.24xlarge", "job_queue": "gpu-queue",
-                                 "volume": "fs-0123456789abcdef0"}),
+                                 "volume": "fs-0123456789abcdef0", "execution_role": ROLE}),
     "gcp-batch-single": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch",
                                                         "project": "qlc-test-project"}),
     "gcp-batch-multi": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch", "nodes": 3,
@@ -266,7 +267,7 @@ def test_refuses_an_image_without_a_digest(image: str, message: str) -> None:
             export(plan, image, target)
 
 
-EFS = {"volume": "fs-0123456789abcdef0"}
+EFS = {"volume": "fs-0123456789abcdef0", "execution_role": ROLE}
 
 
 @pytest.mark.parametrize(
@@ -278,6 +279,8 @@ EFS = {"volume": "fs-0123456789abcdef0"}
         ("runs", "aws-batch", {"instance_type": "g5.xlarge", "gpus_per_node": 4, **EFS},
          "has 1 GPU"),
         ("runs", "aws-batch", {"retries": 10, **EFS}, "at most 9 retries"),
+        ("runs", "aws-batch", {"volume": "fs-1"}, "pass --execution-role"),
+        ("runs", "aws-batch", {**EFS, "execution_role": "qlc-role"}, "not an IAM role ARN"),
         ("gs://b/runs", "gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
         ("gs://b/runs", "gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3"),
         ("gs://b/runs", "gcp-batch", {}, "pass --project PROJECT_ID"),
@@ -359,7 +362,8 @@ def test_cli_export_uses_the_pushed_digest_of_the_build_record(
     assert isinstance(done.exception, UserError)  # a local "runs": skypilot needs a bucket
     assert "local path" in str(done.exception)
     done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "aws-batch",
-                                    "--volume", "fs-0123456789abcdef0"])  # fmt: skip
+                                    "--volume", "fs-0123456789abcdef0",
+                                    "--execution-role", ROLE])  # fmt: skip
     assert done.exit_code == 0, done.output
     written = tmp_path / "export" / record.job / "aws-batch" / "job-definition.json"
     assert json.loads(written.read_text(encoding="utf-8"))["containerProperties"]["image"] == IMAGE
