@@ -150,7 +150,6 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
         raise ExportError(f"AWS Batch allows at most {AWS_MAX_ATTEMPTS - 1} retries "
                           f"(got {shape.retries})")  # fmt: skip
     instance = shape.options.instance_type
-    _, cpus_of, gib_of = aws_instance(instance, shape.gpus)
     name = re.sub(r"[^A-Za-z0-9_-]", "-", shape.name)
     if shape.output_uri is not None:
         raise ExportError(
@@ -166,19 +165,11 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
             shape, "$AWS_BATCH_JOB_NUM_NODES", "$AWS_BATCH_JOB_NODE_INDEX", master
         )
         command = ["/bin/sh", "-c", script]
-    cpus = shape.options.cpus or cpus_of or 8 * max(shape.gpus, 1)
-    memory_gib = shape.options.memory_gib or (int(gib_of * 0.9) if gib_of else None)
-    resources = [
-        {"type": "VCPU", "value": str(cpus)},
-        {"type": "MEMORY", "value": str((memory_gib or 32 * max(shape.gpus, 1)) * 1024)},
-    ]
-    if shape.gpus:
-        resources.insert(0, {"type": "GPU", "value": str(shape.gpus)})
     container = {
         "image": shape.image, "command": command,
         "environment": pairs({**shape.env, **output_env(shape)}),
         "secrets": [{"name": secret, "valueFrom": secret} for secret in shape.secrets],
-        "resourceRequirements": resources,
+        "resourceRequirements": aws_resources(shape),
         "linuxParameters": {"sharedMemorySize": shape.shm_bytes // 2**20},
         "volumes": [{"name": "output", "efsVolumeConfiguration": {
             "fileSystemId": shape.output_volume, "transitEncryption": "ENABLED"}}],
@@ -197,6 +188,19 @@ def aws_batch(shape: JobShape) -> dict[str, str]:
             "aws-batch.submit-job.json.j2", name=name, queue=shape.options.job_queue,
             multi=multi, nodes=shape.nodes, tags=aws_tags(shape)))  # fmt: skip
     return files
+
+
+def aws_resources(shape: JobShape) -> list[dict[str, str]]:
+    """GPUs, vCPUs and MiB: as asked, else the whole known instance (memory less 10% for the
+    agent), else 8 vCPUs and 32 GiB per GPU."""
+    _, instance_cpus, instance_gib = aws_instance(shape.options.instance_type, shape.gpus)
+    per_gpu = max(shape.gpus, 1)
+    cpus = shape.options.cpus or instance_cpus or 8 * per_gpu
+    gib = shape.options.memory_gib or (int(instance_gib * 0.9) if instance_gib else 32 * per_gpu)
+    resources = [{"type": "VCPU", "value": str(cpus)}, {"type": "MEMORY", "value": str(gib * 1024)}]
+    if shape.gpus:
+        resources.insert(0, {"type": "GPU", "value": str(shape.gpus)})
+    return resources
 
 
 def aws_execution_role(shape: JobShape) -> str:
