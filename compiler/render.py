@@ -12,6 +12,7 @@ CONTEXT_FILES = (
     ".dockerignore",
     "Dockerfile",
     "fast_engine.py",
+    "model_card.py",
     "plan.json",
     "requirements.lock",
     "spec.toml",
@@ -70,6 +71,7 @@ def render_files(plan: Plan, spec_source: bytes, lock: bytes | None) -> dict[str
         "Dockerfile": env.get_template("Dockerfile.j2").render(values).encode(),
         "train.py": env.get_template("train.py.j2").render(values).encode(),
         "fast_engine.py": template_text("fast_engine.py"),
+        "model_card.py": template_text("model_card.py"),
         "plan.json": plan_json(plan),
         "spec.toml": spec_source,
     }
