@@ -8,16 +8,8 @@ from importlib import resources
 from jinja2 import BaseLoader, Environment, StrictUndefined, TemplateNotFound
 from qlc.compiler.plan import Plan
 
-CONTEXT_FILES = (
-    ".dockerignore",
-    "Dockerfile",
-    "fast_engine.py",
-    "model_card.py",
-    "plan.json",
-    "requirements.lock",
-    "spec.toml",
-    "train.py",
-)
+# Shipped verbatim beside train.py: the script imports them from its own directory.
+VERBATIM = ("fast_engine.py", "model_card.py")
 
 
 class _PackageLoader(BaseLoader):
@@ -62,21 +54,17 @@ def render_files(plan: Plan, spec_source: bytes, lock: bytes | None) -> dict[str
         "plan": plan,
         "python_version": [python_major, python_minor],
         "has_lock": lock is not None,
-        "files": [
-            name for name in CONTEXT_FILES if lock is not None or name != "requirements.lock"
-        ],
     }
-    files = {
-        ".dockerignore": env.get_template("dockerignore.j2").render(values).encode(),
-        "Dockerfile": env.get_template("Dockerfile.j2").render(values).encode(),
-        "train.py": env.get_template("train.py.j2").render(values).encode(),
-        "fast_engine.py": template_text("fast_engine.py"),
-        "model_card.py": template_text("model_card.py"),
-        "plan.json": plan_json(plan),
-        "spec.toml": spec_source,
-    }
+    files = {name: template_text(name) for name in VERBATIM}
+    files["train.py"] = env.get_template("train.py.j2").render(values).encode()
+    files["plan.json"] = plan_json(plan)
+    files["spec.toml"] = spec_source
     if lock is not None:
         files["requirements.lock"] = lock
+    # Only what the Dockerfile copies may enter the build: an allow-list of the files above.
+    values["files"] = sorted(files)
+    files["Dockerfile"] = env.get_template("Dockerfile.j2").render(values).encode()
+    files[".dockerignore"] = env.get_template("dockerignore.j2").render(values).encode()
     return {name: _normalize(data) for name, data in sorted(files.items())}
 
 
