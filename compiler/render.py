@@ -6,6 +6,7 @@ import json
 from importlib import resources
 
 from jinja2 import BaseLoader, Environment, StrictUndefined, TemplateNotFound
+
 from qlc.compiler.plan import Plan
 
 # Shipped verbatim beside train.py: the script imports them from its own directory.
