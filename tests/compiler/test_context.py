@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import shutil
@@ -102,7 +103,8 @@ def test_stale_lock_is_a_clear_error() -> None:
 
 
 def parsed_dockerfile(context: BuildContext) -> DockerfileParser:
-    parser = DockerfileParser(fileobj=None)
+    # A file object keeps dockerfile-parse from writing ./Dockerfile into the working tree.
+    parser = DockerfileParser(fileobj=io.StringIO())
     parser.content = context.files["Dockerfile"].decode()
     return parser
 
