@@ -104,7 +104,7 @@ def test_stale_lock_is_a_clear_error() -> None:
 
 def parsed_dockerfile(context: BuildContext) -> DockerfileParser:
     # A file object keeps dockerfile-parse from writing ./Dockerfile into the working tree.
-    parser = DockerfileParser(fileobj=io.StringIO())
+    parser = DockerfileParser(fileobj=io.BytesIO())
     parser.content = context.files["Dockerfile"].decode()
     return parser
 
