@@ -98,7 +98,9 @@ def run_seed(args, model: Path, data: Path, out: Path, env: dict[str, str]) -> d
 
 
 def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[str, str]) -> dict:
-    context = args.contexts / f"ctx-{pipeline}"
+    profile = pipeline.endswith("-profile")  # the same run, with the fast engine's profiler on
+    context = args.contexts / f"ctx-{pipeline.removesuffix('-profile')}"
+    env = {**env, "QLC_FAST_PROFILE_STEPS": "3"} if profile else env
     env = {
         **env,
         "QLC_MODEL_PATH": str(model),

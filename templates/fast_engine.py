@@ -177,12 +177,13 @@ class Settings:
 class Kernels:
     """Liger's Triton kernels where they are installed and agree with plain torch; else torch."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """shape: (hidden, intermediate, heads, head_dim): the checks compile the kernels that
+        training then reuses."""
         self.liger = False
         self.varlen: Callable | None = None
-        self.varlen_kwargs: dict[str, Any] = {}
         if device.type == "cuda":
-            self.liger = _try(lambda: _check_liger(device, dtype))
+            self.liger = _try(lambda: _check_liger(device, dtype, shape))
             self.varlen = _try(lambda: _check_varlen(device, dtype)) or None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,32 +252,33 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def _check_liger(device: torch.device, dtype: torch.dtype) -> bool:
+def _check_liger(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    x = torch.randn(300, 512, device=device, dtype=dtype, requires_grad=True)
-    w = torch.rand(512, device=device, dtype=dtype) + 0.5
+    hidden, intermediate, heads, head_dim = shape
+    x = torch.randn(300, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.rand(hidden, device=device, dtype=dtype) + 0.5
     a = LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama", False)
     (ga,) = torch.autograd.grad(a.float().square().sum(), x)
     b = _rms_norm_torch(x, w, 1e-5)
     (gb,) = torch.autograd.grad(b.float().square().sum(), x)
-    g, u = (torch.randn(300, 1024, device=device, dtype=dtype) for _ in range(2))
+    g, u = (torch.randn(300, intermediate, device=device, dtype=dtype) for _ in range(2))
     errors = [
         _rel_err(a, b),
         _rel_err(ga, gb),
         _rel_err(LigerSiLUMulFunction.apply(g, u), F.silu(g) * u),
-        *_rope_errors(device, dtype),
+        *_rope_errors(device, dtype, heads, head_dim),
     ]
     if max(errors) > 2e-2:
         raise ValueError(f"Liger disagrees with torch (relative errors {errors})")
     return True
 
 
-def _rope_errors(device: torch.device, dtype: torch.dtype) -> list[float]:
+def _rope_errors(device: torch.device, dtype: torch.dtype, heads: int, dim: int) -> list[float]:
     from liger_kernel.ops.rope import LigerRopeFunction
 
-    n, heads, dim = 70, 4, 64
+    n = 70
     fused = torch.randn(n, 3 * heads * dim, device=device, dtype=dtype, requires_grad=True)
     angles = torch.rand(1, n, dim // 2, device=device) * 6
     cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
@@ -321,16 +323,41 @@ def _check_varlen(device: torch.device, dtype: torch.dtype) -> Callable:
 # ----------------------------------------------------------------------------- the decoder
 @dataclass
 class Lora:
+    """A LoRA pair. The float32 parameters stay the optimizer's; the forward uses compute-dtype
+    copies made once per optimizer step (not one cast per use), whose gradients are handed back
+    to the float32 parameters after each backward: the values are those of casting per use."""
+
     A: torch.nn.Parameter
     B: torch.nn.Parameter
     scaling: float
     dropout: float
+    A_c: torch.Tensor | None = None
+    B_c: torch.Tensor | None = None
 
     def add_to(self, base: torch.Tensor, x: torch.Tensor, training: bool) -> torch.Tensor:
         """base + dropout(x) A^T B^T * scaling, the product, scale and sum in one addmm."""
+        a, b = (self.A, self.B) if self.A_c is None else (self.A_c, self.B_c)
         h = F.dropout(x, self.dropout, training) if self.dropout > 0 else x
-        down = F.linear(h, self.A.to(x.dtype))
-        return torch.addmm(base, down, self.B.to(x.dtype).t(), alpha=self.scaling)
+        return torch.addmm(base, F.linear(h, a), b.t(), alpha=self.scaling)
+
+    def refresh(self, dtype: torch.dtype) -> None:
+        if self.A.dtype == dtype:
+            return
+        with torch.no_grad():
+            if self.A_c is None:
+                self.A_c = self.A.detach().to(dtype).requires_grad_()
+                self.B_c = self.B.detach().to(dtype).requires_grad_()
+            else:
+                self.A_c.copy_(self.A)
+                self.B_c.copy_(self.B)
+
+    def hand_back_grads(self) -> None:
+        for master, copy in ((self.A, self.A_c), (self.B, self.B_c)):
+            if copy is None or copy.grad is None:
+                continue
+            grad = copy.grad.float()
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            copy.grad = None
 
 
 @dataclass
@@ -416,10 +443,11 @@ class FastDecoder:
         base = model.get_base_model()
         config = base.config
         self.settings, self.recompute, self.dequantize = settings, recompute, dequantize
-        self.kernels = Kernels(settings.device, settings.dtype)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = (config.hidden_size, config.intermediate_size, self.heads, self.head_dim)
+        self.kernels = Kernels(settings.device, settings.dtype, shape)
         self.eps = config.rms_norm_eps
         self.rotary = base.model.rotary_emb
         embed = base.model.embed_tokens.weight.detach()  # lean: no second copy, cast per lookup
@@ -628,6 +656,12 @@ class GenericLoss:
     def train(self, flag: bool) -> None:
         self.model.train(flag)
 
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
     def loss_sum(self, examples: list[dict[str, list[int]]], device: torch.device) -> torch.Tensor:
         batch = pad(examples, self.pad_id, device)
         autocast = torch.autocast(
@@ -646,6 +680,22 @@ class GenericLoss:
 class FastLoss:
     def __init__(self, model: torch.nn.Module, decoder: FastDecoder) -> None:
         self.model, self.decoder = model, decoder
+        self.loras = [
+            p.lora
+            for layer in decoder.layers
+            for proj in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            for p in proj.parts
+            if p.lora is not None
+        ]
+        self.after_step()
+
+    def after_backward(self) -> None:
+        for lora in self.loras:
+            lora.hand_back_grads()
+
+    def after_step(self) -> None:
+        for lora in self.loras:
+            lora.refresh(self.decoder.settings.dtype)
 
     def train(self, flag: bool) -> None:
         self.model.train(flag)
@@ -808,6 +858,7 @@ def train(
         num_training_steps=len(schedule),
     )
     first = load_checkpoint(model, optimizer, scheduler, resume_from) if resume_from else 0
+    loss_fn.after_step()  # compute-dtype copies of the (restored) adapter
     state = RunState(step=first, tokens=0, start=start)
     try:
         _loop(
@@ -858,6 +909,17 @@ class StepProfiler:
             _sync(self.device)
             seconds = time.perf_counter() - self.began
             self.active.__exit__(None, None, None)
+            events = self.active.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+            print(
+                f"qlc fast engine profile: GPU kernels busy {gpu_us / 1e6:.3f} s of "
+                f"{seconds:.3f} s wall over {self.steps} steps",
+                flush=True,
+            )
+            cpu = events.table(
+                sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60
+            )
+            print(f"qlc fast engine profile, by host time:\n{cpu}", flush=True)
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = self.active.key_averages().table(
                 sort_by=key, row_limit=30, max_name_column_width=60
@@ -947,10 +1009,12 @@ def _loop(
         for batch in micro:
             loss = loss_fn.loss_sum(batch, device) / max(n_targets, 1)
             loss.backward()
+            loss_fn.after_backward()
             step_loss += loss.detach()
         if max_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         optimizer.step()
+        loss_fn.after_step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens = sum(len(ex["input_ids"]) for mb in micro for ex in mb)

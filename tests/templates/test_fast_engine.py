@@ -294,3 +294,36 @@ def test_one_step_loss_and_gradients_match(tiny_dir: Path, memory: str) -> None:
         if param.requires_grad:
             err = (param.grad - ref_grads[name]).norm() / ref_grads[name].norm()
             assert err < 1e-4, f"{name}: gradient differs by {err:.2e}"
+
+
+def test_bf16_compute_copies_hand_gradients_back(tiny_dir: Path) -> None:
+    """With bf16 compute the adapter is used through bf16 copies; its float32 parameters must
+    still receive the gradients (compared with float32 compute, at bf16 tolerance), and the
+    copies must follow the parameters after an optimizer step."""
+    spec = make_spec()
+    examples = make_examples(4, seed=13)
+    model = load_peft(tiny_dir, spec)
+    model.train()
+    cpu = torch.device("cpu")
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        settings = fast_engine.Settings(device=cpu, dtype=dtype, lean=False)
+        decoder = fast_engine.FastDecoder(model, settings, dequantize=True, recompute=False)
+        loss_fn = fast_engine.FastLoss(model, decoder)
+        loss_fn.loss_sum(examples, cpu).backward()
+        loss_fn.after_backward()
+        grads[dtype] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        if dtype == torch.bfloat16:
+            assert all(lora.A_c.grad is None for lora in loss_fn.loras)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(1.0)
+            loss_fn.after_step()
+            for lora in loss_fn.loras:
+                assert torch.equal(lora.A_c, lora.A.to(torch.bfloat16))
+        model.zero_grad(set_to_none=True)
+    for name, ref in grads[torch.float32].items():
+        got = grads[torch.bfloat16][name]
+        assert got.dtype == torch.float32
+        assert (got - ref).norm() / ref.norm() < 3e-2, name
