@@ -4,130 +4,18 @@ offline base image (both made by .ci/docker.sh) and the tiny spec's image built 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from runtime_fakes import REPO, FakeEngine, copy_tiny_project
 
-from qlc.runtime.docker_engine import (
-    BuildError,
-    ContainerRequest,
-    ContainerState,
-    ImageInfo,
-)
-
-REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
-
-
-@dataclass
-class FakeEngine:
-    """Stands in for the daemon: records every call, replays a scripted container."""
-
-    endpoint: str = "fake://daemon"
-    images: dict[str, ImageInfo] = field(default_factory=dict)
-    build_lines: list[str] = field(default_factory=lambda: ["Step 1/1 : FROM base"])
-    build_error: BuildError | None = None
-    log_lines: list[str] = field(default_factory=list)
-    exit_code: int = 0
-    oom_killed: bool = False
-    start_error: Exception | None = None
-    on_start: Callable[[ContainerRequest], None] | None = None
-    interrupt_after: int | None = None  # raise KeyboardInterrupt after this many log lines
-    calls: list[str] = field(default_factory=list)
-    created: list[ContainerRequest] = field(default_factory=list)
-    builds: list[dict[str, object]] = field(default_factory=list)
-
-    def ping(self) -> None:
-        self.calls.append("ping")
-
-    def find_image(self, ref: str) -> ImageInfo | None:
-        self.calls.append(f"find_image {ref}")
-        return self.images.get(ref)
-
-    def build(
-        self,
-        context_dir: Path,
-        tag: str,
-        buildargs: Mapping[str, str],
-        labels: Mapping[str, str],
-        on_line: Callable[[str], None],
-    ) -> str:
-        self.calls.append(f"build {tag}")
-        self.builds.append(
-            {
-                "dir": context_dir,
-                "tag": tag,
-                "buildargs": dict(buildargs),
-                "labels": dict(labels),
-                "files": sorted(p.name for p in context_dir.iterdir()),
-            }
-        )
-        for line in self.build_lines:
-            on_line(line)
-        if self.build_error is not None:
-            raise self.build_error
-        image_id = "sha256:" + f"{len(self.builds):064x}"
-        info = ImageInfo(
-            id=image_id, tags=(tag,), labels=dict(labels), repo_digests=(), user="10001:10001"
-        )
-        self.images[tag] = self.images[image_id] = info
-        return image_id
-
-    def create(self, request: ContainerRequest) -> str:
-        self.calls.append("create")
-        self.created.append(request)
-        return "c0ffee"
-
-    def start(self, container_id: str) -> None:
-        self.calls.append("start")
-        if self.start_error is not None:
-            raise self.start_error
-        if self.on_start is not None:
-            self.on_start(self.created[-1])
-
-    def logs(self, container_id: str) -> Iterator[str]:
-        for number, line in enumerate(self.log_lines):
-            if self.interrupt_after is not None and number == self.interrupt_after:
-                self.interrupt_after = None
-                raise KeyboardInterrupt
-            yield line
-
-    def wait(self, container_id: str) -> int:
-        self.calls.append("wait")
-        return self.exit_code
-
-    def stop(self, container_id: str, timeout_s: int) -> None:
-        self.calls.append("stop")
-
-    def kill(self, container_id: str) -> None:
-        self.calls.append("kill")
-
-    def state(self, container_id: str) -> ContainerState:
-        return ContainerState("exited", self.exit_code, self.oom_killed, "", None, None)
-
-    def remove(self, container_id: str) -> None:
-        self.calls.append("remove")
 
 
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
-
-
-def copy_tiny_project(target: Path) -> Path:
-    """The tiny spec, its lock and assets in a fresh project; returns the spec path."""
-    specs = target / "specs"
-    specs.mkdir(parents=True)
-    for name in ("tiny.toml", "tiny.lock"):
-        shutil.copy2(REPO / "specs" / name, specs / name)
-    shutil.copytree(REPO / "specs" / "tiny", specs / "tiny")
-    for path in [target, *target.rglob("*")]:  # the container user reads inputs as "other"
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return specs / "tiny.toml"
 
 
 @pytest.fixture

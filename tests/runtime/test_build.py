@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FakeEngine, copy_tiny_project
 from rich.console import Console
+from runtime_fakes import FakeEngine, copy_tiny_project
 
 from qlc.runtime import records
 from qlc.runtime.build import (

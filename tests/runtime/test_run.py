@@ -4,12 +4,14 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FakeEngine
 from rich.console import Console
+from runtime_fakes import FakeEngine
 
 from qlc.runtime import records
 from qlc.runtime.docker_engine import ContainerRequest, EngineError, ImageInfo, host_config_kwargs
@@ -335,3 +337,21 @@ def test_lock_differences_names_each_package() -> None:
     differences = lock_differences(lock)
     assert differences[0].startswith("pytest: lock 0.0.1, installed ")
     assert differences[1] == "qlc-absent-package: lock 1.0, installed none"
+
+
+@pytest.mark.slow
+def test_local_run_uses_this_python(tiny_project: Path) -> None:
+    project = tiny_project.parents[1]
+    ran = subprocess.run(
+        [str(Path(sys.executable).parent / "qlc"), "run", "specs/tiny.toml", "--local"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "installed packages match the lock" in ran.stderr or "differ from the lock" in ran.stderr
+    (run_dir,) = sorted((project / "specs" / "runs" / "tiny").glob("*"))
+    predicate = json.loads((run_dir / "manifest.json").read_text())["predicate"]
+    assert predicate["status"] == "succeeded" and predicate["host"]["mode"] == "local"
+    assert predicate["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import copy_tiny_project
+from runtime_fakes import copy_tiny_project
 
 from qlc.runtime.docker_engine import ContainerRequest, DockerEngine
 from qlc.runtime.records import BuildRecord, last_build
@@ -265,14 +265,3 @@ def test_missing_daemon_fails_clearly_and_runs_nothing(
         assert "Traceback" not in result.stderr
     assert runs_of(project) == []
     assert last_build(project) == before  # nothing previously written is lost
-
-
-def test_local_run_uses_this_python(tiny_project: Path) -> None:
-    project = tiny_project.parents[1]
-    ran = qlc(project, "run", "specs/tiny.toml", "--local")
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "installed packages match the lock" in ran.stderr or "differ from the lock" in ran.stderr
-    (run_dir,) = runs_of(project)
-    predicate = manifest_of(run_dir)["predicate"]
-    assert predicate["status"] == "succeeded" and predicate["host"]["mode"] == "local"
-    assert predicate["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
