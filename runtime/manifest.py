@@ -183,8 +183,10 @@ def plot_losses(run_dir: Path) -> Path | None:
     train, evaluation = losses(run_dir)
     if not train and not evaluation:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # qlc installed without matplotlib: the report says so
+        return None
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
@@ -236,6 +238,8 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
     ]
     if plot is not None:
         lines += ["", "## Loss", "", "![loss curve](loss.png)"]
+    elif any(losses(run_dir)):
+        lines += ["", "## Loss", "", "(no loss.png: install matplotlib to draw it)"]
     target = run_dir / "report.md"
     target.write_text("\n".join(line for line in lines if line is not None) + "\n")
     return target
