@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,9 +99,14 @@ def run_seed(args, model: Path, data: Path, out: Path, env: dict[str, str]) -> d
 
 
 def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[str, str]) -> dict:
-    profile = pipeline.endswith("-profile")  # the same run, with the fast engine's profiler on
-    context = args.contexts / f"ctx-{pipeline.removesuffix('-profile')}"
-    env = {**env, "QLC_FAST_PROFILE_STEPS": "3"} if profile else env
+    # "fast:KEY=VAL,KEY=VAL" runs the fast context with engine knobs set; "-profile" turns on
+    # the fast engine's profiler for a few steps.
+    name, _, knobs = pipeline.partition(":")
+    extra = dict(kv.split("=", 1) for kv in knobs.split(",") if kv)
+    if name.endswith("-profile"):
+        name, extra["QLC_FAST_PROFILE_STEPS"] = name.removesuffix("-profile"), "3"
+    context = args.contexts / f"ctx-{name}"
+    env = {**env, **extra}
     env = {
         **env,
         "QLC_MODEL_PATH": str(model),
@@ -184,7 +190,11 @@ def prepare(args) -> tuple[Path, Path, dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlc-bench"))
-    parser.add_argument("--pipelines", default="seed,fast,lean,reference")
+    parser.add_argument(
+        "--pipelines",
+        default="seed,fast,lean,reference",
+        help="separated by '/' when a pipeline carries knobs (fast:KEY=VAL,...)",
+    )
     parser.add_argument("--shape", default="7b")
     parser.add_argument("--contexts", type=Path, default=ROOT / "bench" / ".work")
     parser.add_argument(
@@ -204,8 +214,9 @@ def main() -> None:
         ).stdout
     )
     seed = None
-    for pipeline in args.pipelines.split(","):
-        out = args.work / "runs" / pipeline
+    sep = "/" if "/" in args.pipelines or ":" in args.pipelines else ","
+    for pipeline in args.pipelines.split(sep):
+        out = args.work / "runs" / re.sub(r"[^A-Za-z0-9._-]", "_", pipeline)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         if args.deadline:

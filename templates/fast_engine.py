@@ -119,7 +119,10 @@ class Packed:
     n_targets: int
 
 
-def pack(examples: list[dict[str, list[int]]], device: torch.device) -> Packed:
+def pack(examples: list[dict[str, list[int]]], device: torch.device, bucket: int = 0) -> Packed:
+    """bucket > 0 rounds the row up to a multiple of `bucket` tokens with one filler segment
+    (its own attention segment, no targets): it changes no result, only how often the matmul
+    shapes repeat."""
     ids: list[int] = []
     targets: list[int] = []
     positions: list[int] = []
@@ -130,6 +133,12 @@ def pack(examples: list[dict[str, list[int]]], device: torch.device) -> Packed:
         targets += [*ex["labels"][1:], IGNORE]
         positions += range(n)
         lengths.append(n)
+    filler = -len(ids) % bucket if bucket else 0
+    if filler:
+        ids += [0] * filler
+        targets += [IGNORE] * filler
+        positions += range(filler)
+        lengths.append(filler)
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
@@ -181,8 +190,9 @@ class Kernels:
         """shape: (hidden, intermediate, heads, head_dim): the checks compile the kernels that
         training then reuses."""
         self.liger = False
+        self.fused_norm = device.type == "cuda"  # torch's fused RMSNorm kernel (F.rms_norm)
         self.varlen: Callable | None = None
-        if device.type == "cuda":
+        if device.type == "cuda" and os.environ.get("QLC_FAST_KERNELS", "torch") == "liger":
             self.liger = _try(lambda: _check_liger(device, dtype, shape))
             self.varlen = _try(lambda: _check_varlen(device, dtype)) or None
 
@@ -191,6 +201,8 @@ class Kernels:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
             return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+        if self.fused_norm:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
         return _rms_norm_torch(x, weight, eps)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -456,6 +468,8 @@ class FastDecoder:
         self.norm = base.model.norm.weight.detach().to(settings.dtype)
         self.layers = [self._layer(layer) for layer in base.model.layers]
         self.training = True
+        cuda = settings.device.type == "cuda"
+        self.bucket = int(os.environ.get("QLC_FAST_BUCKET") or (64 if cuda else 0))
 
     def _layer(self, layer) -> Layer:
         attn, mlp, dt = layer.self_attn, layer.mlp, self.settings.dtype
@@ -471,13 +485,14 @@ class FastDecoder:
 
     def describe(self) -> str:
         kernels = "liger" if self.kernels.liger else "torch"
+        padded = f", rows rounded up to {self.bucket} tokens" if self.bucket else ""
         attention = "varlen flash" if self.kernels.varlen else "SDPA per example"
         weights = "bf16 copy of the dequantized base" if self.dequantize else "4-bit base"
         if self.settings.dtype != torch.bfloat16:
             weights = weights.replace("bf16", str(self.settings.dtype).replace("torch.", ""))
         return (
             f"padding-free decoder, {weights}, {attention} attention, {kernels} norms/SwiGLU/"
-            f"loss, {'recompute per layer' if self.recompute else 'no recomputation'}"
+            f"loss, {'recompute per layer' if self.recompute else 'no recomputation'}{padded}"
         )
 
     def weight_bytes(self) -> int:
@@ -702,7 +717,7 @@ class FastLoss:
         self.decoder.training = flag
 
     def loss_sum(self, examples: list[dict[str, list[int]]], device: torch.device) -> torch.Tensor:
-        return self.decoder.loss_sum(pack(examples, device))
+        return self.decoder.loss_sum(pack(examples, device, self.decoder.bucket))
 
 
 # ----------------------------------------------------------------------------- optimizer
