@@ -8,10 +8,12 @@ nothing is sent to the daemon's build endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,8 +108,13 @@ def write_context_dir(context: BuildContext, project_dir: Path) -> Path:
     for name, data in context.files.items():
         (staging / name).write_bytes(data)
     (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
-    if target.exists():  # stale or edited by hand: it is a cache, rebuilt from the spec
-        shutil.rmtree(target)
+    if target.exists() and not context_matches(target, context):
+        # Edited by hand or half-written: it is a cache, rebuilt from the spec. Moved aside
+        # first, so a concurrent build never sees a half-deleted folder.
+        aside = target.with_name(f".stale-{os.getpid()}-{time.monotonic_ns()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
     try:
         os.replace(staging, target)
     except OSError:  # a concurrent build of the same spec won the rename
@@ -203,7 +210,8 @@ def _run_build(
     log_dir = state_dir(project) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    log_path = log_dir / f"build-{tag.split('/', 1)[1].replace(':', '-')}-{stamp}.log"
+    name = tag.split("/", 1)[1].replace(":", "-")
+    log_path = log_dir / f"build-{name}-{stamp}-{os.getpid()}-{threading.get_ident() % 10000}.log"
     buildargs = {"BASE_IMAGE": base_override} if base_override else {}
     with log_path.open("w", encoding="utf-8") as log, BuildProgress(console, f"build {tag}") as bar:
 
