@@ -1,14 +1,14 @@
 """Make the tiny assets that `specs/tiny.toml` runs on: no hub, no GPU, a few hundred KB.
 
-    python tools/make_tiny_assets.py            # writes specs/tiny/ (and the chat/instruction data)
-    python tools/make_tiny_assets.py --check    # rebuilds in a temp dir, compares with what is committed
+    python tools/make_tiny_assets.py          # writes specs/tiny/ and the chat/instruction data
+    python tools/make_tiny_assets.py --check  # rebuilds in a temp dir, compares with the repo
 
 What it writes, deterministically (same bytes on every run with the pinned stack):
 - specs/tiny/data.jsonl: the 64 shortest rows of guanaco-llama2-1k (Apache-2.0), field `text`,
   already in the Llama 2 chat form `<s>[INST] ... [/INST] ... </s>`.
 - specs/tiny/model/: a random-weight LlamaForCausalLM (hidden 64, 2 layers, 4 heads,
-  intermediate 128, init std 0.15, float32 safetensors) and a byte-level BPE tokenizer of 1,024 entries trained
-  on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`, has `<unk>` and no pad
+  intermediate 128, init std 0.15, float32 safetensors) and a byte-level BPE tokenizer of
+  1,024 entries trained on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`, has `<unk>` and no pad
   token (the training script picks one) and a Llama-2-style chat template.
 - specs/chat/data.jsonl and specs/instruction/data.jsonl: small hand-written examples.
 """
@@ -49,20 +49,30 @@ LLAMA2_CHAT_TEMPLATE = (
 CHAT_ROWS = [
     [("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris.")],
     [("user", "Name a primary colour."), ("assistant", "Red is a primary colour.")],
-    [("system", "You answer briefly."), ("user", "How many legs has a spider?"),
-     ("assistant", "Eight.")],
+    [
+        ("system", "You answer briefly."),
+        ("user", "How many legs has a spider?"),
+        ("assistant", "Eight."),
+    ],
     [("user", "Say hello in Spanish."), ("assistant", "Hola.")],
     [("user", "What is 2 + 3?"), ("assistant", "2 + 3 = 5.")],
     [("user", "Give me a synonym for happy."), ("assistant", "Cheerful.")],
-    [("user", "Is the sun a star?"), ("assistant", "Yes, the sun is a star."),
-     ("user", "How far is it?"), ("assistant", "About 150 million kilometres.")],
+    [
+        ("user", "Is the sun a star?"),
+        ("assistant", "Yes, the sun is a star."),
+        ("user", "How far is it?"),
+        ("assistant", "About 150 million kilometres."),
+    ],
     [("user", "What does a thermometer measure?"), ("assistant", "Temperature.")],
     [("user", "Translate 'cat' into German."), ("assistant", "Katze.")],
     [("user", "Which planet is largest?"), ("assistant", "Jupiter is the largest planet.")],
     [("user", "What colour is the sky on a clear day?"), ("assistant", "Blue.")],
     [("user", "Name an even prime number."), ("assistant", "2 is the only even prime.")],
-    [("system", "You are a helpful assistant."), ("user", "What is water made of?"),
-     ("assistant", "Hydrogen and oxygen: H2O.")],
+    [
+        ("system", "You are a helpful assistant."),
+        ("user", "What is water made of?"),
+        ("assistant", "Hydrogen and oxygen: H2O."),
+    ],
     [("user", "What is the opposite of cold?"), ("assistant", "Hot.")],
     [("user", "How many days are in a week?"), ("assistant", "Seven days.")],
     [("user", "Who wrote Hamlet?"), ("assistant", "William Shakespeare.")],
@@ -190,9 +200,7 @@ def write_assets(root: Path) -> None:
     verify(model_dir)
     chats = [{"messages": [{"role": r, "content": c} for r, c in row]} for row in CHAT_ROWS]
     write_jsonl(root / "chat" / "data.jsonl", chats)
-    instructions = [
-        {"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTION_ROWS
-    ]
+    instructions = [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTION_ROWS]
     write_jsonl(root / "instruction" / "data.jsonl", instructions)
 
 
