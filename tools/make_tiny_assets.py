@@ -8,8 +8,9 @@ What it writes, deterministically (same bytes on every run with the pinned stack
   already in the Llama 2 chat form `<s>[INST] ... [/INST] ... </s>`.
 - specs/tiny/model/: a random-weight LlamaForCausalLM (hidden 64, 2 layers, 4 heads,
   intermediate 128, init std 0.15, float32 safetensors) and a byte-level BPE tokenizer of
-  1,024 entries trained on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`, has `<unk>` and no pad
-  token (the training script picks one) and a Llama-2-style chat template.
+  1,024 entries trained on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`,
+  has `<unk>` and no pad token (the training script picks one) and a Llama-2-style chat
+  template.
 - specs/chat/data.jsonl and specs/instruction/data.jsonl: small hand-written examples.
 """
 
