@@ -274,3 +274,22 @@ def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
     code, printed, err = call_cli(args, capsys)
     assert code == 0, err
     assert printed.strip()
+
+
+@pytest.mark.slow
+def test_the_trained_run_carries_its_model_card(run_dir: Path) -> None:
+    import hashlib
+
+    import yaml
+
+    card = run_dir / "adapter" / "README.md"
+    text = card.read_text(encoding="utf-8")
+    header = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    subjects = {s["name"]: s["digest"]["sha256"] for s in manifest["subject"]}
+    assert header["base_model"] == plan["spec"]["model"]["path"]
+    assert header["library_name"] == "peft" and "qlc" in header["tags"]
+    assert subjects["adapter/README.md"] == hashlib.sha256(card.read_bytes()).hexdigest()
+    assert f"sha256:{subjects['adapter/adapter_model.safetensors']}" in text
+    assert "qlc reproduce manifest.json" in text
