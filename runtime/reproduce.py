@@ -28,6 +28,7 @@ from qlc.runtime.run import (
     run_container,
 )
 
+MODEL_CARD = "adapter/README.md"  # describes the run (timings included): not the adapter
 METRIC_TOLERANCE = 0.01  # relative, on final_loss and eval_loss
 INPUT_ITEMS = ("manifest", "spec", "lock", "model files", "data hash")
 HARDWARE_KEYS = ("gpus", "driver", "cuda", "torch", "bitsandbytes", "python")
@@ -109,20 +110,35 @@ def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict
 
 
 def output_verdicts(old: dict[str, Any], new: dict[str, Any]) -> list[Verdict]:
-    old_subjects = {s["name"]: s["digest"]["sha256"] for s in old.get("subject") or []}
-    new_subjects = {s["name"]: s["digest"]["sha256"] for s in new.get("subject") or []}
+    old_subjects = subjects(old)
+    new_subjects = subjects(new)
+    old_card, new_card = old_subjects.pop(MODEL_CARD, None), new_subjects.pop(MODEL_CARD, None)
     identical = bool(old_subjects) and old_subjects == new_subjects
     adapter = Verdict(
         "adapter",
         identical,
-        "bit-identical"
+        f"bit-identical ({len(new_subjects)} files)"
         if identical
         else compare_files("adapter", old_subjects, new_subjects).detail,
     )
+    verdicts = [adapter]
+    if old_card is not None or new_card is not None:
+        same = old_card == new_card
+        verdicts.append(
+            Verdict(
+                "model card",
+                True,
+                "identical" if same else "differs (it records this run's timings; not compared)",
+            )
+        )
     metrics = metric_verdict(
         old["predicate"].get("metrics") or {}, new["predicate"].get("metrics") or {}
     )
-    return [adapter, metrics, hardware_verdict(old["predicate"], new["predicate"])]
+    return [*verdicts, metrics, hardware_verdict(old["predicate"], new["predicate"])]
+
+
+def subjects(manifest: dict[str, Any]) -> dict[str, str]:
+    return {s["name"]: s["digest"]["sha256"] for s in manifest.get("subject") or []}
 
 
 def metric_verdict(old: dict[str, Any], new: dict[str, Any]) -> Verdict:

@@ -26,8 +26,17 @@ def manifest(adapter_sha: str, final_loss: float, gpus: list[str]) -> dict:
 def test_identical_adapters_are_bit_identical() -> None:
     old, new = manifest("a" * 64, 1.0, []), manifest("a" * 64, 1.0, [])
     adapter, metrics, hardware = output_verdicts(old, new)
-    assert adapter.ok and adapter.detail == "bit-identical"
+    assert adapter.ok and adapter.detail == "bit-identical (1 files)"
     assert metrics.ok and hardware.ok
+
+
+def test_model_card_with_timings_is_not_the_adapter() -> None:
+    old, new = manifest("a" * 64, 1.0, []), manifest("a" * 64, 1.0, [])
+    old["subject"].append({"name": "adapter/README.md", "digest": {"sha256": "1" * 64}})
+    new["subject"].append({"name": "adapter/README.md", "digest": {"sha256": "2" * 64}})
+    adapter, card, *_ = output_verdicts(old, new)
+    assert adapter.ok and adapter.detail == "bit-identical (1 files)"
+    assert card.item == "model card" and card.detail.startswith("differs")
 
 
 def test_different_adapter_within_tolerance_names_the_file() -> None:
