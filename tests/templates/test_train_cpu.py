@@ -135,6 +135,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=120)
     assert marker.exists(), stdout[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stdout[-3000:]
     killed = manifest(tmp_path)
     assert killed["predicate"]["status"] == "interrupted" and killed["subject"] == [], stdout[
         -2000:
