@@ -76,6 +76,8 @@ def tiny_project(
     spec = dest / "tiny.toml"
     spec.write_text("\n".join(lines) + "\n")
     shutil.copy(TINY_LOCK, dest / "tiny.lock")
+    for path in [dest, *dest.rglob("*")]:  # a container's non-root user reads inputs as "other"
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return spec
 
 

