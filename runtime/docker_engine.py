@@ -178,6 +178,8 @@ class DockerEngine:
             raise DaemonUnreachable(self.endpoint, _short(error)) from None
 
     def find_image(self, ref: str) -> ImageInfo | None:
+        if not ref.strip():
+            return None
         try:
             data = self._api.inspect_image(ref)
         except self._errors.ImageNotFound:
@@ -185,7 +187,9 @@ class DockerEngine:
         except self._errors.APIError as error:
             if error.status_code == 404:
                 return None
-            raise EngineError(f"cannot inspect image {ref}: {_short(error)}") from None
+            raise EngineError(f"cannot inspect image {ref!r}: {_short(error)}") from None
+        except self._errors.DockerException as error:  # e.g. NullResource, bad reference
+            raise EngineError(f"cannot inspect image {ref!r}: {_short(error)}") from None
         config = data.get("Config") or {}
         return ImageInfo(
             id=data["Id"],

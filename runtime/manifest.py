@@ -10,8 +10,12 @@ subjects, writes it atomically, and records the sha256 of the final bytes beside
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +67,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_nofollow(path: Path) -> str:
+    """Text of a file the run wrote; a link in its place is refused (ELOOP), never followed."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` (a link there included, which is replaced, not followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest as written, or None when missing, unreadable or not a qlc statement."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_nofollow(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("predicate"), dict):
@@ -115,7 +140,7 @@ def finalize(run_dir: Path, host: HostView) -> FinalManifest:
     predicate["status"] = status
     predicate["host"] = {**asdict(host), "qlc_version": __version__, "problems": problems}
     write_json_atomic(path, data)
-    (run_dir / MANIFEST_DIGEST).write_text(f"{sha256_file(path)}  {MANIFEST}\n")
+    write_atomic(run_dir / MANIFEST_DIGEST, f"{sha256_file(path)}  {MANIFEST}\n".encode())
     final = FinalManifest(path=path, status=status, data=data, problems=problems)
     write_report(run_dir, final)
     return final
@@ -153,7 +178,8 @@ def manifest_edited(run_dir: Path) -> str | None:
         return f"{path}: no manifest"
     if not digest_file.is_file():
         return f"{digest_file}: missing, so the manifest cannot be checked"
-    recorded = digest_file.read_text().split()[0] if digest_file.read_text().split() else ""
+    words = read_nofollow(digest_file).split()
+    recorded = words[0] if words else ""
     if recorded != sha256_file(path):
         return f"{path} was changed after the run (its sha256 differs from {MANIFEST_DIGEST})"
     return None
@@ -165,7 +191,11 @@ def losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, floa
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return [], []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+        text = read_nofollow(path)
+    except OSError:
+        return [], []
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -201,7 +231,9 @@ def plot_losses(run_dir: Path) -> Path | None:
     axes.legend()
     figure.tight_layout()
     target = run_dir / "loss.png"
-    figure.savefig(target, metadata={"Software": None})
+    image = io.BytesIO()
+    figure.savefig(image, format="png", metadata={"Software": None})
+    write_atomic(target, image.getvalue())
     pyplot.close(figure)
     return target
 
@@ -241,7 +273,7 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
     elif any(losses(run_dir)):
         lines += ["", "## Loss", "", "(no loss.png: install matplotlib to draw it)"]
     target = run_dir / "report.md"
-    target.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    write_atomic(target, ("\n".join(line for line in lines if line is not None) + "\n").encode())
     return target
 
 

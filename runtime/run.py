@@ -9,6 +9,7 @@ values are masked in everything qlc prints or keeps.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets as random_tokens
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
@@ -338,7 +340,7 @@ def _stream(
     """Copy log lines to the run log and the display; Ctrl-C stops the run cleanly."""
     tail: list[str] = []
     ended = "exited"
-    with log_path.open("a", encoding="utf-8") as log, RunProgress(console, title) as bar:
+    with open_log(log_path) as log, RunProgress(console, title) as bar:
         while True:
             try:
                 for raw in lines:
@@ -351,6 +353,19 @@ def _stream(
             except KeyboardInterrupt:
                 ended = "interrupted"
                 on_interrupt()
+
+
+def open_log(path: Path) -> TextIO:
+    """Append to the run log without following a link the run may have left in its place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _stop(engine: Engine, container_id: str, console: Console) -> None:
@@ -491,6 +506,11 @@ def resolve_target(
 ) -> BuildRecord:
     from qlc.runtime.build import build
 
+    if target is not None and not target.strip():
+        raise RunInputError(
+            "the target is empty: name a spec file or an image qlc built, "
+            "or leave it out to run the last build"
+        )
     if target is None:
         try:
             return last_build(project)

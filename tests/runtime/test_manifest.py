@@ -132,3 +132,34 @@ def test_hand_edit_is_detected(tmp_path: Path) -> None:
     assert "changed after the run" in (manifest_edited(tmp_path) or "")
     (tmp_path / MANIFEST_DIGEST).unlink()
     assert "missing" in (manifest_edited(tmp_path) or "")
+
+
+def test_links_left_by_the_run_are_replaced_not_followed(tmp_path: Path) -> None:
+    """The container can write /out: a link it leaves must not redirect a host write."""
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "succeeded")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("host file\n")
+    for name in ("report.md", "loss.png", MANIFEST_DIGEST, "run.log"):
+        (run_dir / name).symlink_to(victim)
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to(victim)
+    finalize(run_dir, host())
+    from qlc.runtime.run import open_log
+
+    with open_log(run_dir / "run.log") as log:
+        log.write("line\n")
+    assert victim.read_text() == "host file\n"
+    for name in ("report.md", MANIFEST_DIGEST, "run.log"):
+        assert not (run_dir / name).is_symlink()
+
+
+def test_manifest_link_to_a_host_file_is_not_read(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"predicate": {"status": "succeeded"}, "subject": []}')
+    (run_dir / "manifest.json").symlink_to(outside)
+    final = finalize(run_dir, host())
+    assert final.status == "failed"  # no manifest from the script: nothing claimed
+    assert not (run_dir / "manifest.json").is_symlink()

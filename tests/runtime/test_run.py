@@ -317,6 +317,11 @@ def test_run_without_a_build_says_what_to_do(tmp_path: Path) -> None:
         run(None, project_dir=tmp_path, engine=FakeEngine(), console=QUIET)
 
 
+def test_empty_target_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(RunInputError, match="target is empty"):
+        run("", project_dir=tmp_path, engine=FakeEngine(), console=QUIET)
+
+
 def test_unknown_image_target_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(RunInputError, match="not a spec file"):
         run("someone/else:latest", project_dir=tmp_path, engine=FakeEngine(), console=QUIET)
