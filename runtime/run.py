@@ -474,6 +474,11 @@ def run(
     """`qlc run [SPEC|IMAGE]`: raise RunInputError (exit 2) or RunFailed (exit 1)."""
     project = (project_dir or Path.cwd()).resolve()
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    if target is not None and not target.strip():
+        raise RunInputError(
+            "the target is empty: name a spec file or an image qlc built, "
+            "or leave it out to run the last build"
+        )
     if local:
         spec_path = _local_spec(target, project)
         from qlc.runtime.run_local import run_local
