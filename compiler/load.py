@@ -36,6 +36,7 @@ EXPECTED = {
     "model_attributes_type": "a table",
     "none_required": "absent",
 }
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 PATTERNS = {
     HUB_ID: 'a hub id like "org/name"',
     ENV_NAME: "an environment variable name (A-Z, 0-9 and _, not starting with a digit)",
@@ -44,6 +45,10 @@ PATTERNS = {
     REVISION: "a commit sha, tag or branch name",
     r"^\d+\.\d+$": 'a version like "12.8"',
     r"^\d+[kmgKMG]?$": 'a size like "16g"',
+    r"^\d+\.\d+(\.\d+)?$": 'a version like "2.13" or "2.13.0"',
+    r"^3\.\d+$": 'a Python version like "3.11"',
+    r"^[A-Za-z0-9_.-]{1,64}$": "a split name: letters, digits, '_', '.' or '-' (at most 64)",
+    r"^[A-Za-z0-9_.]{1,128}$": "a module name: letters, digits, '_' or '.' (at most 128)",
 }
 BOUNDS = {
     "greater_than": ("gt", "greater than"),
@@ -214,7 +219,9 @@ def _message(error: Any, loc: KeyPath) -> tuple[KeyPath, str]:
         expected = str(ctx["expected"]).replace("'", '"')
         return loc, f"must be one of {expected} (got {_shown(value)})"
     if kind == "string_pattern_mismatch":
-        wanted = PATTERNS.get(ctx["pattern"], f"match {ctx['pattern']}")
+        wanted = PATTERNS.get(ctx["pattern"])
+        if wanted is None:
+            return loc, f"must match the pattern {ctx['pattern']} (got {_shown(value)})"
         return loc, f"must be {wanted} (got {_shown(value)})"
     if kind in EXPECTED:
         return loc, f"must be {EXPECTED[kind]} (got {_shown(value)})"
@@ -225,6 +232,11 @@ def _message(error: Any, loc: KeyPath) -> tuple[KeyPath, str]:
 def _diagnostic(error: Any, positions: dict[KeyPath, tuple[int, int]], filename: str) -> Diagnostic:
     loc, message = _message(error, _clean_loc(error["loc"]))
     line, column = locate(positions, loc)
+    bare = next((i for i, part in enumerate(loc) if not BARE_KEY.fullmatch(part)), len(loc))
+    if bare < len(loc):  # a quoted key (" ", "a.b"): name it in the message, as TOML spells it
+        rest = ".".join(p if BARE_KEY.fullmatch(p) else json.dumps(p, ensure_ascii=False)
+                        for p in loc[bare:])  # fmt: skip
+        loc, message = loc[:bare], f"{rest}: {message}"
     return Diagnostic(filename, line, column, _printable(_key_text(loc)), _printable(message))
 
 

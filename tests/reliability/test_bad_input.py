@@ -233,6 +233,20 @@ def test_every_pure_command_with_every_path_and_output(project: Path, tally) -> 
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize(
+    "source", ['" " = 1\n', '[job]\n"na.me" = 1\n', '[runtime.env]\n"a b\\n" = "x"\n']
+)
+def test_quoted_keys_are_named_in_the_message_on_one_line(source: str, tally) -> None:
+    """Regression: a quoted key (" ", "na.me") printed bare as `:  :`; it is now spelt as in
+    TOML after the last plain key, and the key column keeps only plain key characters."""
+    tally()
+    with pytest.raises(SpecError) as caught:
+        load_spec(source.encode(), "f.toml")
+    for line in str(caught.value).splitlines():
+        assert re.match(r"^f\.toml:\d+:\d+: (?:[A-Za-z0-9_.\[\]-]+: )?\S.*$", line), line
+    assert '"' in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Lock files: every malformed lock is a LockError that names its line, never a crash.
 

@@ -140,6 +140,10 @@ def test_every_string_field_refuses_or_carries_payloads_as_data(
                 payload,
                 message,
             )
+            words = message.split("(got", 1)[0]
+            assert "^" not in words and "must be match" not in words, (
+                f"a raw pattern instead of words: {message!r}"  # regression: load.PATTERNS
+            )
             assert "\n" not in message.strip() or all(
                 line.startswith("t.toml:") for line in message.strip().splitlines()
             ), f"a diagnostic spans several lines: {message!r}"
