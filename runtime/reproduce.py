@@ -192,7 +192,12 @@ def reproduce(
             f"{manifest_path}: the recorded run {predicate.get('status')}: "
             "only a succeeded run can be reproduced"
         )
-    spec_path = Path(host.get("spec_path") or "")
+    if not host.get("spec_path"):
+        raise ReproduceError(
+            f"{manifest_path}: no host record of the spec (the run did not go "
+            "through `qlc run`): rerun it with `qlc run SPEC` instead"
+        )
+    spec_path = Path(host["spec_path"])
     if not spec_path.is_file():
         raise ReproduceError(f"{manifest_path}: the recorded spec {spec_path} is gone")
     inputs = resolve_inputs(spec_path)
