@@ -304,3 +304,75 @@ def test_finished_adapter_survives_a_rerun_that_dies_writing_it(
     assert read_manifest(run_dir)["subject"] == []
     now = {f"adapter/{k}": v for k, v in hash_tree(run_dir / "adapter").items()}
     assert now == adapter, "the finished adapter was damaged by the failed rerun"
+
+
+# ---------------------------------------------------------------------------------------------
+# With a real daemon: the container OOM-killed (a memory limit set on it from outside, as a host
+# or orchestrator would), and Ctrl-C during `qlc build`.
+
+BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ready = subprocess.run(["bash", str(REPO / ".ci" / "docker.sh")], capture_output=True,
+                           text=True, timeout=900)  # fmt: skip
+    if ready.returncode != 0:
+        pytest.fail(f".ci/docker.sh failed: {ready.stdout}\n{ready.stderr}")
+    project = tmp_path_factory.mktemp("oom") / "project"
+    tiny_project(project, {**EDITS, "name": '"tiny-faults"'}, drop=("eval_fraction", "eval_steps"))
+    done = subprocess.run([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
+                           BASE_IMAGE], cwd=project, env=qlc_env(), capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return project
+
+
+def _container(job: str) -> str | None:
+    found = subprocess.run(["docker", "ps", "-q", "--filter", f"label=qlc.job={job}"],
+                           capture_output=True, text=True)  # fmt: skip
+    return found.stdout.split()[0] if found.stdout.split() else None
+
+
+@pytest.mark.docker
+def test_oom_killed_container_is_reported_and_recorded(built: Path, tally) -> None:
+    tally()
+    process = subprocess.Popen([sys.executable, "-m", "qlc", "run", "--smoke"], cwd=built,
+                               env=qlc_env(), text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    limited = None
+    deadline = time.monotonic() + 300
+    while limited is None and process.poll() is None and time.monotonic() < deadline:
+        container = _container("tiny-faults")
+        if container is not None:  # before Python has loaded torch: 200 MiB is too little
+            limit = ["--memory", "200m", "--memory-swap", "200m"]
+            limited = subprocess.run(["docker", "update", *limit, container],
+                                     capture_output=True, text=True)  # fmt: skip
+        time.sleep(0.05)
+    code, output = finish(process)
+    assert limited is not None and limited.returncode == 0, (limited, output[-2000:])
+    assert code == 1 and "lack of memory (OOM)" in output, output[-3000:]
+    runs = sorted((built / "runs" / "tiny-faults").iterdir())
+    manifest = read_manifest(runs[-1])
+    assert manifest["predicate"]["status"] == "failed" and manifest["subject"] == []
+    assert manifest["predicate"]["host"]["oom_killed"] is True
+    assert _container("tiny-faults") is None, "the killed container was not removed"
+
+
+@pytest.mark.docker
+def test_ctrl_c_during_build_leaves_no_half_written_record(built: Path, tally) -> None:
+    from qlc.runtime.records import last_build
+
+    tally()
+    spec = built / "tiny.toml"
+    spec.write_text(spec.read_text().replace("seed = 42", "seed = 7"))  # a new image to build
+    process = subprocess.Popen([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
+                                BASE_IMAGE], cwd=built, env=qlc_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    code, output = finish(process)
+    assert code != 0 or "cache hit" in output or "built" in output, output[-2000:]
+    last_build(built)  # parses: old or new, never half of one
+    leftovers = [p.name for p in (built / ".qlc").rglob("*") if ".tmp" in p.name]
+    assert leftovers == [], leftovers
