@@ -26,6 +26,7 @@ INDEX_URL = "https://pypi.org/simple"
 PLATFORM = "x86_64-manylinux_2_28"
 INPUT_HEADER = "# qlc-lock-input: "
 FOR_HEADER = "# qlc-lock-resolved-for: "
+BODY_HEADER = "# qlc-lock-body: "
 LOCK_FORMAT = 1
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
@@ -102,6 +103,34 @@ def lock_header(stack: Stack, python: str, platform: str) -> str:
     )
 
 
+def lock_text(stack: Stack, python: str, platform: str, body: str) -> str:
+    """A whole lock: the header, the sha256 of the resolver's output, then that output.
+
+    The body digest lets `check_lock` refuse a lock cut at a line boundary, which otherwise
+    still parses (a shorter list of valid pins)."""
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return f"{lock_header(stack, python, platform)}{BODY_HEADER}sha256:{digest}\n{body}"
+
+
+def _check_body(text: str) -> None:
+    """When the lock records its body's sha256 (locks written by lock_text), verify it."""
+    start = 0
+    for line in text.splitlines(keepends=True):
+        start += len(line)
+        if line.startswith(BODY_HEADER):
+            recorded = line[len(BODY_HEADER) :].strip()
+            actual = "sha256:" + hashlib.sha256(text[start:].encode("utf-8")).hexdigest()
+            if recorded != actual:
+                raise LockError(
+                    "the lock's body does not match its recorded sha256 (truncated or edited "
+                    "by hand?); run `qlc lock SPEC`",
+                    max(1, len(text.splitlines())),
+                )
+            return
+        if line.strip() and not line.startswith("#"):
+            return
+
+
 def _logical_lines(text: str) -> list[tuple[int, str]]:
     """Join backslash continuations; drop comments and blank lines. Keeps first line numbers."""
     joined: list[tuple[int, str]] = []
@@ -164,6 +193,7 @@ def parse_lock(text: str) -> Lock:
                         "run `qlc lock SPEC`", 1)  # fmt: skip
     if not _INPUT_HASH.match(input_hash):
         raise LockError(f"malformed lock input hash {input_hash!r}; run `qlc lock SPEC`", 1)
+    _check_body(text)
     requirements: list[Requirement] = []
     seen: dict[str, int] = {}
     for number, line in _logical_lines(text):

@@ -391,11 +391,27 @@ def test_truncated_lock_reaches_compile_as_an_error_on_its_last_line(tally) -> N
     assert re.search(r"^specs/tiny\.lock:\d+:1: .*does not pin bitsandbytes==", str(caught.value))
 
 
+def test_lock_with_a_body_digest_refuses_any_cut(tally) -> None:
+    """lock_text records the body's sha256; every cut of such a lock is refused (the committed
+    locks get the digest once runtime/lock.py writes them with lock_text: xfail below)."""
+    from qlc.compiler.lockfile import lock_text
+
+    plan = compile_spec(TINY_SOURCE, "specs/tiny.toml", TINY_LOCK.read_bytes()).plan
+    body = LOCK_TEXT.split("\n", 2)[2]
+    whole = lock_text(plan.stack, plan.stack.python, "x86_64-manylinux_2_28", body)
+    assert checked(whole).requirements
+    ends = [i + 1 for i, ch in enumerate(whole) if ch == "\n"][3:-1]
+    for cut in ends[:: max(1, len(ends) // 60)]:
+        tally()
+        with pytest.raises(LockError, match="body does not match"):
+            checked(whole[:cut])
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: a lock cut at a line boundary after the last "
-    "top-level pin still compiles (transitive pins lost); runtime/lock.py writes no "
-    "body digest to check",
+    reason="defect: a lock cut at a line boundary after the last top-level pin still "
+    "compiles (transitive pins lost): runtime/lock.py does not yet write the body digest "
+    "(compiler/lockfile.py lock_text) into the committed locks",
 )
 def test_lock_cut_after_the_top_level_pins_is_refused(tally) -> None:
     tally()
