@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import typer
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import REPO, TINY_LOCK, tiny_project
 
@@ -131,13 +131,6 @@ def argument_lists(draw: st.DrawFn) -> list[str]:
     return [command, *fixed] if command else fixed
 
 
-def known_defect(argv: list[str]) -> str | None:
-    """Argument lists that hit a defect reported to another engineer (strict xfails below)."""
-    if len(argv) >= 2 and argv[0] == "run" and "" in argv[1:] and "--base-image" not in argv:
-        return "run ''"
-    return None
-
-
 @settings(
     max_examples=1000,
     deadline=None,
@@ -148,7 +141,6 @@ def known_defect(argv: list[str]) -> str | None:
 def test_fuzzed_command_lines_exit_0_or_2_without_traceback(
     argv: list[str], project: Path, tally
 ) -> None:
-    assume(known_defect(argv) is None)
     tally()
     with scratch_cwd(project):
         code, _, stderr = invoke(argv)  # any exception other than SystemExit fails the test
@@ -162,12 +154,8 @@ def test_fuzzed_command_lines_exit_0_or_2_without_traceback(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `qlc run ''` tracebacks (docker NullResource): "
-    "runtime/docker_engine.py find_image passes an empty reference to the SDK",
-)
 def test_run_with_an_empty_target_is_a_user_error(project: Path, tally) -> None:
+    """Regression (found by the fuzz): `qlc run ''` reached the SDK and tracebacks."""
     tally()
     with scratch_cwd(project):
         code, _, stderr = invoke(["run", ""])
@@ -494,15 +482,10 @@ def _host_view() -> Any:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: runtime/manifest.py finalize writes report.md, "
-    "loss.png and manifest.sha256 through symlinks the run left in its directory "
-    "(the container can point them at any host file)",
-)
-@pytest.mark.parametrize("name", ["report.md", "manifest.sha256"])
+@pytest.mark.parametrize("name", ["report.md", "manifest.sha256", "loss.png"])
 def test_host_never_writes_through_links_the_run_left(name: str, tmp_path: Path, tally) -> None:
-    """The run directory is writable by the container: whatever it leaves there is hostile."""
+    """The run directory is writable by the container: whatever it leaves there is hostile.
+    Regression: finalize wrote report.md and manifest.sha256 through such links."""
     tally()
     from qlc.runtime.manifest import finalize
 
@@ -511,6 +494,9 @@ def test_host_never_writes_through_links_the_run_left(name: str, tmp_path: Path,
     victim = tmp_path / "victim.txt"
     victim.write_text("host file\n")
     (run_dir / name).symlink_to(victim)
+    (run_dir / "metrics.jsonl").write_text(  # so that loss.png is drawn
+        "".join(json.dumps({"event": "train", "step": i, "loss": 2.0 / i}) + "\n" for i in (1, 2))
+    )
     (run_dir / "manifest.json").write_text('{"predicate": {"status": "running"}, "subject": []}')
     finalize(run_dir, _host_view())
     assert victim.read_text() == "host file\n", f"{name} was written through its link"
