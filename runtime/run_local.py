@@ -18,18 +18,16 @@ from rich.console import Console
 
 from qlc.runtime.manifest import HostView
 from qlc.runtime.run import (
-    STOP_TIMEOUT_S,
-    Outcome,
     RunInputs,
     RunResult,
     _now,
-    _stream,
     conclude,
     determinism_env,
     new_run_dir,
     redactor,
     secret_values,
 )
+from qlc.runtime.supervise import STOP_TIMEOUT_S, Outcome, stream_lines
 
 
 def lock_differences(lock_text: str) -> list[str]:
@@ -152,6 +150,6 @@ def _supervise_process(
             process.kill()
 
     lines = (line.rstrip("\n") for line in process.stdout)
-    tail, ended = _stream(lines, log_path, redact, console, title, on_interrupt=interrupt)
+    tail, ended = stream_lines(lines, log_path, redact, console, title, on_interrupt=interrupt)
     code = process.wait()
     return Outcome(code, ended, tail=tail)

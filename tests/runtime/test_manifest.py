@@ -145,7 +145,7 @@ def test_links_left_by_the_run_are_replaced_not_followed(tmp_path: Path) -> None
     (run_dir / "metrics.jsonl").unlink()
     (run_dir / "metrics.jsonl").symlink_to(victim)
     finalize(run_dir, host())
-    from qlc.runtime.run import open_log
+    from qlc.runtime.supervise import open_log
 
     with open_log(run_dir / "run.log") as log:
         log.write("line\n")
