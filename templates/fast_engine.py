@@ -192,9 +192,10 @@ class Kernels:
         self.liger = False
         self.fused_norm = device.type == "cuda"  # torch's fused RMSNorm kernel (F.rms_norm)
         self.varlen: Callable | None = None
-        if device.type == "cuda" and os.environ.get("QLC_FAST_KERNELS", "torch") == "liger":
-            self.liger = _try(lambda: _check_liger(device, dtype, shape))
+        if device.type == "cuda":
             self.varlen = _try(lambda: _check_varlen(device, dtype)) or None
+            if os.environ.get("QLC_FAST_KERNELS", "torch") == "liger":
+                self.liger = _try(lambda: _check_liger(device, dtype, shape))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self.liger:
@@ -418,6 +419,21 @@ class Proj:
         return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
 
 
+class Separate:
+    """The same projections as separate matmuls: contiguous outputs, no split/concat."""
+
+    def __init__(self, projs: list[Proj]) -> None:
+        self.projs = projs
+        self.parts = [part for proj in projs for part in proj.parts]
+        self.weight = projs[0].weight
+
+    def __call__(self, x: torch.Tensor, training: bool) -> list[torch.Tensor]:
+        return [out for proj in self.projs for out in proj(x, training)]
+
+    def nbytes(self) -> int:
+        return sum(proj.nbytes() for proj in self.projs)
+
+
 def _is_4bit(module: torch.nn.Module) -> bool:
     return hasattr(module.weight, "quant_state") and module.weight.quant_state is not None
 
@@ -442,10 +458,10 @@ def _matmul_4bit(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
 class Layer:
     in_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: Proj
-    o: Proj
-    gate_up: Proj
-    down: Proj
+    qkv: Proj | Separate
+    o: Proj | Separate
+    gate_up: Proj | Separate
+    down: Proj | Separate
 
 
 class FastDecoder:
@@ -464,16 +480,22 @@ class FastDecoder:
         self.rotary = base.model.rotary_emb
         embed = base.model.embed_tokens.weight.detach()  # lean: no second copy, cast per lookup
         self.embed = embed if settings.lean else embed.to(settings.dtype)
-        self.lm_head = base.lm_head.weight.detach().to(settings.dtype)
+        head = base.lm_head.weight.detach()  # lean: logits from the stored head, no second copy
+        self.lm_head = head if settings.lean else head.to(settings.dtype)
         self.norm = base.model.norm.weight.detach().to(settings.dtype)
         self.layers = [self._layer(layer) for layer in base.model.layers]
         self.training = True
-        cuda = settings.device.type == "cuda"
-        self.bucket = int(os.environ.get("QLC_FAST_BUCKET") or (64 if cuda else 0))
+        self.bucket = int(os.environ.get("QLC_FAST_BUCKET") or 0)
 
     def _layer(self, layer) -> Layer:
         attn, mlp, dt = layer.self_attn, layer.mlp, self.settings.dtype
-        proj = lambda *mods: Proj([_part(m) for m in mods], self.settings, self.dequantize)  # noqa: E731
+        fuse = os.environ.get("QLC_FAST_FUSE", "1") != "0"
+
+        def proj(*mods: torch.nn.Module) -> Proj | Separate:
+            if fuse:
+                return Proj([_part(m) for m in mods], self.settings, self.dequantize)
+            return Separate([Proj([_part(m)], self.settings, self.dequantize) for m in mods])
+
         return Layer(
             layer.input_layernorm.weight.detach().to(dt),
             layer.post_attention_layernorm.weight.detach().to(dt),
@@ -537,7 +559,7 @@ class FastDecoder:
         return o
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.kernels.liger:
+        if self.kernels.liger and not self.settings.lean:
             from liger_kernel.ops.fused_linear_cross_entropy import (
                 LigerFusedLinearCrossEntropyFunction,
             )
@@ -557,7 +579,7 @@ class FastDecoder:
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()
+    logits = F.linear(h.to(weight.dtype), weight).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 

@@ -260,9 +260,12 @@ def test_schedule_counts_steps_like_the_trainer() -> None:
     assert fast_engine.warmup_steps(250, {"warmup_ratio": 0.03, "warmup_steps": None}) == 8
 
 
-@pytest.mark.parametrize("memory", ["standard", "lean"])
-def test_one_step_loss_and_gradients_match(tiny_dir: Path, memory: str) -> None:
+@pytest.mark.parametrize(("memory", "fuse"), [("standard", "1"), ("standard", "0"), ("lean", "1")])
+def test_one_step_loss_and_gradients_match(
+    tiny_dir: Path, memory: str, fuse: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sharp check: loss sum and every adapter gradient of one packed batch, before Adam."""
+    monkeypatch.setenv("QLC_FAST_FUSE", fuse)
     spec = make_spec(memory=memory)
     spec["lora"]["dropout"] = 0.0
     examples = make_examples(4, seed=11)
