@@ -192,8 +192,13 @@ def test_real_rebuild_after_changing_a_training_value(
     )
     assert count == 1
     spec.write_text(text)
+    context = compile_for_build(spec, project).context
+    tag = image_tag("tiny", image_key(context.content_hash, tiny_image.base_image))
+    engine = DockerEngine()
+    if engine.find_image(tag) is not None:  # built by an earlier session: start clean
+        engine._api.remove_image(tag, force=True)
     changed = build(spec, tiny_image.base_image, project_dir=project, console=QUIET)
-    assert not changed.cache_hit
+    assert changed.tag == tag and not changed.cache_hit
     assert changed.tag != tiny_image.tag and changed.image_id != tiny_image.image_id
 
 
