@@ -512,7 +512,7 @@ def _toml_str(value: str) -> bytes:
     return json.dumps(value).replace("\\/", "/").encode()
 
 
-@pytest.mark.parametrize("size", [10_000, 1_000_000])
+@pytest.mark.parametrize("size", [10_000, 200_000])
 def test_oversized_string_fields_are_refused_or_cheap(size: int, tally) -> None:
     import time
 

@@ -26,8 +26,8 @@ from reliability_support import REPO, SPECS, TINY_LOCK
 from qlc.compiler.context import BuildContext, compile_spec
 from qlc.compiler.load import SpecError
 
-CANARY_DIR = Path("/tmp/qlc-injection-canary")
-CANARY = str(CANARY_DIR / "pwned")
+CANARY_DIR = Path("/tmp/qlc-pw")  # short: data.*_field names hold at most 128 characters
+CANARY = str(CANARY_DIR / "x")
 PAYLOADS = [
     '"',
     "'",
