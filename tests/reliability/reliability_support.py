@@ -25,7 +25,7 @@ CATEGORIES = {
     "test_injection": "2 injection",
     "test_faults": "3 faults",
     "test_secrets": "4 secrets, isolation",
-    "test_load": "5 load",
+    "test_concurrency": "5 load",
 }
 
 CASES: Counter[str] = Counter()
