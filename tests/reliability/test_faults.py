@@ -376,3 +376,36 @@ def test_ctrl_c_during_build_leaves_no_half_written_record(built: Path, tally) -
     last_build(built)  # parses: old or new, never half of one
     leftovers = [p.name for p in (built / ".qlc").rglob("*") if ".tmp" in p.name]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.docker
+def test_container_killed_from_outside_keeps_checkpoints_and_says_so(built: Path, tally) -> None:
+    """`docker kill` mid-run (what a node drain or a daemon going down does to the process)."""
+    tally()
+    spec = built / "tiny.toml"
+    spec.write_text(spec.read_text().replace("max_steps = 6", "max_steps = 40"))
+    done = subprocess.run([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
+                           BASE_IMAGE], cwd=built, env=qlc_env(), capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    before_runs = set((built / "runs" / "tiny-faults").glob("*"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qlc", "run"], cwd=built, env=qlc_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def second_checkpoint() -> bool:
+        new = set((built / "runs" / "tiny-faults").glob("*")) - before_runs
+        return any(p.joinpath("checkpoints", "checkpoint-4", MARKER).is_file() for p in new)
+
+    wait_for(second_checkpoint, process, "checkpoint-4 in the container")
+    (run_dir,) = set((built / "runs" / "tiny-faults").glob("*")) - before_runs
+    intact = complete(run_dir)
+    container = _container("tiny-faults")
+    assert container is not None
+    subprocess.run(["docker", "kill", container], check=True, capture_output=True)
+    code, output = finish(process)
+    assert code == 1, output[-3000:]
+    manifest = assert_truthful_failure(run_dir, intact)
+    assert manifest["predicate"]["host"]["exit_code"] == 137
+    assert _container("tiny-faults") is None

@@ -1,1 +1,0 @@
-"""Hand-written parts of images."""
