@@ -8,10 +8,7 @@ turns one into what the SDK sends, so the GPU request can be checked without a G
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,24 +136,14 @@ def host_config_kwargs(request: ContainerRequest) -> dict[str, Any]:
 
 
 def docker_sdk() -> ModuleType:
-    """Import the docker SDK even when the repository's own docker/ folder shadows it.
-
-    Running from the repository root (`python -m pytest`, `python -c`) puts the root on
-    sys.path, where docker/ (qlc.docker, the hand-written image parts) is a package too.
-    """
-    import docker
-
-    if hasattr(docker, "APIClient"):
-        return docker
-    root = Path(docker.__file__ or "").resolve().parent.parent
-    paths = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
-    spec = importlib.machinery.PathFinder.find_spec("docker", paths)
-    if spec is None or spec.loader is None:
-        raise EngineError("the docker Python SDK is not installed: pip install 'docker>=7.1'")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["docker"] = module
-    spec.loader.exec_module(module)
-    return module
+    """The docker SDK, imported lazily (qlc validate/compile never need it)."""
+    try:
+        import docker
+    except ImportError:
+        raise EngineError(
+            "the docker Python SDK is not installed: pip install 'docker>=7.1'"
+        ) from None
+    return docker
 
 
 class DockerEngine:
