@@ -366,7 +366,7 @@ def check_engine(
         {"QLC_OUTPUT_DIR": str(tmp / "engine-out"), "QLC_DATA_PATH": str(data), "QLC_SMOKE": "1"}
     )
     with pytest.raises(Stop):
-        script.run(spec, env, {"predicate": {"inputs": {}, "run": {}}})
+        script.run(spec, env, {"predicate": {"inputs": {}, "run": {}, "environment": {}}})
     ((args, _kwargs),) = calls
     assert args[4]["train"]["engine"] == "fast"
 
@@ -375,9 +375,10 @@ def check_examples_per_step(
     script: ModuleType, hub: dict, local: dict, hub_args: Any, tmp: Path
 ) -> None:
     assert hub_args.gradient_accumulation_steps == 2  # 18 examples / (3 per GPU x 3 GPUs)
-    script.check_examples_per_step(hub, 3)
-    with pytest.raises(script.UserError, match=r"examples_per_step = 18 but this run makes 6"):
-        script.check_examples_per_step(hub, 1)
+    assert script.fit_examples_per_step(hub, 3)["train"]["grad_accum"] == 2
+    assert script.fit_examples_per_step(hub, 1)["train"]["grad_accum"] == 6  # same 18 a step
+    with pytest.raises(script.UserError, match=r"examples_per_step = 18 is not a multiple"):
+        script.fit_examples_per_step(hub, 4)
 
 
 def check_distributed(script: ModuleType, hub: dict, local: dict, hub_args: Any, tmp: Path) -> None:
