@@ -1,0 +1,215 @@
+"""Several training processes from one `python train.py`: the launch decision, and real
+2-process runs of specs/tiny.toml on CPU (gloo) through the script's own torchrun launch.
+
+The 2-process runs are the CI stand-in for several GPUs: one adapter and one manifest (rank 0
+writes), the same examples per optimizer step as one process when the spec sets
+train.examples_per_step, and resume after SIGTERM with two processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from conftest import (
+    SPECS,
+    assert_ok,
+    compile_to,
+    edit_plan,
+    manifest,
+    progress,
+    run_train,
+    sha256,
+    start_train,
+)
+
+SCRIPT = "/qlc/train.py"
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run"]
+ADAPTER = Path("adapter") / "adapter_model.safetensors"
+
+
+def spec_with(script: ModuleType, gpus: int, engine: str = "reference") -> dict[str, Any]:
+    plan = json.loads((Path(script.__file__).parent / "plan.json").read_text())
+    spec = plan["spec"]
+    spec["runtime"]["gpus"], spec["train"]["engine"] = gpus, engine
+    return spec
+
+
+# --------------------------------------------------------------------------- launch decision
+
+
+def test_several_gpus_launch_one_process_each(script: ModuleType) -> None:
+    argv = script.launch_argv(spec_with(script, 2), {}, 2, SCRIPT)
+    assert argv == [*LAUNCHER, "--nproc-per-node=2", "--standalone", SCRIPT]
+
+
+def test_one_gpu_or_cpu_runs_in_this_process(script: ModuleType) -> None:
+    assert script.launch_argv(spec_with(script, 1), {}, 8, SCRIPT) is None
+    assert script.launch_argv(spec_with(script, 0), {}, 0, SCRIPT) is None
+
+
+@pytest.mark.parametrize("started_by", ["WORLD_SIZE", "LOCAL_RANK"])
+def test_a_launched_process_does_not_launch_again(script: ModuleType, started_by: str) -> None:
+    assert script.launch_argv(spec_with(script, 4), {started_by: "0"}, 4, SCRIPT) is None
+
+
+def test_fewer_gpus_than_the_spec_asks_is_an_error(script: ModuleType) -> None:
+    with pytest.raises(script.UserError, match=r"runtime\.gpus = 2 asks for 2 GPU\(s\) but 1"):
+        script.launch_argv(spec_with(script, 2), {}, 1, SCRIPT)
+
+
+def test_qlc_nproc_runs_gloo_processes_on_a_cpu_spec(script: ModuleType) -> None:
+    argv = script.launch_argv(spec_with(script, 0), {"QLC_NPROC": "2"}, 0, SCRIPT)
+    assert argv == [*LAUNCHER, "--nproc-per-node=2", "--standalone", SCRIPT]
+    assert script.launch_argv(spec_with(script, 4), {"QLC_NPROC": "1"}, 4, SCRIPT) is None
+
+
+def test_qlc_nproc_on_a_gpu_spec_needs_that_many_gpus(script: ModuleType) -> None:
+    with pytest.raises(script.UserError, match=r"QLC_NPROC = 3 asks for 3 GPU\(s\) but 2"):
+        script.launch_argv(spec_with(script, 1), {"QLC_NPROC": "3"}, 2, SCRIPT)
+    with pytest.raises(script.UserError, match=r"QLC_NPROC = 'two'"):
+        script.launch_argv(spec_with(script, 1), {"QLC_NPROC": "two"}, 2, SCRIPT)
+
+
+def test_several_nodes_rendezvous_at_node_0(script: ModuleType) -> None:
+    environ = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "2950"}
+    argv = script.launch_argv(spec_with(script, 4), environ, 4, SCRIPT)
+    assert argv == [
+        *LAUNCHER,
+        "--nproc-per-node=4",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.5",
+        "--master-port=2950",
+        SCRIPT,
+    ]
+    single = script.launch_argv(spec_with(script, 2), {"NNODES": "1"}, 2, SCRIPT)
+    assert single is not None and "--standalone" in single
+
+
+def test_several_nodes_without_an_address_is_an_error(script: ModuleType) -> None:
+    with pytest.raises(script.UserError, match=r"MASTER_ADDR not set"):
+        script.launch_argv(spec_with(script, 2), {"NNODES": "2", "NODE_RANK": "0"}, 2, SCRIPT)
+
+
+def test_the_fast_engine_is_refused_with_several_processes(script: ModuleType) -> None:
+    with pytest.raises(script.UserError, match=r'engine = "fast" trains in one process'):
+        script.launch_argv(spec_with(script, 2, "fast"), {}, 2, SCRIPT)
+    with pytest.raises(script.UserError, match=r"2 were started"):
+        script.check_engine(spec_with(script, 2, "fast"), 2)
+
+
+def test_missing_gpus_stop_the_run_with_a_failed_manifest(tmp_path: Path) -> None:
+    context = compile_to("tiny.toml", tmp_path / "ctx")
+    edit_plan(context, runtime={"gpus": 2})
+    result = run_train(context, tmp_path / "out", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: runtime.gpus = 2 asks for 2 GPU(s) but 0 are visible" in result.stderr
+    assert "Traceback" not in result.stderr and "launching" not in result.stdout
+    made = manifest(tmp_path / "out")["predicate"]
+    assert made["status"] == "failed" and "0 are visible" in made["error"]
+
+
+# --------------------------------------------------------------------------- real 2-process runs
+
+
+def per_step_source() -> bytes:
+    """specs/tiny.toml training one epoch at 8 examples per optimizer step (derived accum)."""
+    text = (SPECS / "tiny.toml").read_text()
+    assert "max_steps = 12\n" in text
+    return text.replace("max_steps = 12\n", "epochs = 1\nexamples_per_step = 8\n").encode()
+
+
+@pytest.fixture(scope="module")
+def per_step_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_to("tiny.toml", tmp_path_factory.mktemp("ctx"), per_step_source())
+
+
+@pytest.fixture(scope="module")
+def one_process(per_step_context: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one-process")
+    assert_ok(run_train(per_step_context, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(
+    per_step_context: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str, str]:
+    """Two gloo processes stopped by SIGTERM after checkpoint-4, then resumed with two:
+    the run directory, the stopped run's output and the resumed run's stdout."""
+    out = tmp_path_factory.mktemp("two-processes")
+    marker = out / "checkpoints" / "checkpoint-4" / "qlc-complete.json"
+    process = start_train(per_step_context, out, QLC_NPROC="2")
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stopped, _ = process.communicate(timeout=120)
+    assert marker.exists(), stopped[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stopped[-3000:]
+    interrupted = manifest(out)
+    assert interrupted["predicate"]["status"] == "interrupted", stopped[-3000:]
+    assert interrupted["subject"] == [] and not (out / ADAPTER).exists()
+    resumed = run_train(per_step_context, out, QLC_NPROC="2")
+    assert_ok(resumed)
+    return out, stopped, resumed.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_adapter_and_one_manifest(
+    two_processes: tuple[Path, str, str],
+) -> None:
+    out, stopped, _ = two_processes
+    assert "launching: -m torch.distributed.run --nproc-per-node=2 --standalone" in stopped
+    statement = manifest(out)
+    predicate = statement["predicate"]
+    assert predicate["status"] == "succeeded" and predicate["error"] is None
+    assert predicate["run"]["world_size"] == 2
+    assert predicate["environment"]["rank_devices"] == ["cpu", "cpu"]
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects["adapter/adapter_model.safetensors"] == sha256(out / ADAPTER)
+    assert all(sha256(out / name) == digest for name, digest in subjects.items())
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("manifest")) == [
+        "manifest.json"
+    ]
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 1 + len(
+        list((out / "checkpoints").glob("checkpoint-*"))
+    )
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_the_checkpoint_rank_0_chose(
+    two_processes: tuple[Path, str, str],
+) -> None:
+    out, _, stdout = two_processes
+    predicate = manifest(out)["predicate"]
+    assert Path(predicate["run"]["resumed_from"]).name == "checkpoint-4"
+    lines = progress(stdout)  # printed by rank 0 only: one line a step
+    assert [line["step"] for line in lines] == [5, 6, 7]
+    assert all(line["loss"] > 0 for line in lines)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 8))
+    assert [r["checkpoint"] for r in records if r["event"] == "resume"] == ["checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_examples_per_step_match_one_process(
+    one_process: Path, two_processes: tuple[Path, str, str]
+) -> None:
+    one, two = manifest(one_process)["predicate"], manifest(two_processes[0])["predicate"]
+    plan = json.loads((one_process / "plan.json").read_text())["spec"]["train"]
+    assert plan["examples_per_step"] == 8 and plan["grad_accum"] == 2  # 8 = 4 x 2 x 1
+    assert one["run"]["world_size"] == 1 and one["run"]["examples_per_step"] == 8
+    assert two["run"]["examples_per_step"] == 8  # 4 x 1 accumulation x 2 processes
+    # one epoch of 56 examples at 8 a step: 7 optimizer steps over the same tokens either way
+    assert one["metrics"]["steps"] == two["metrics"]["steps"] == 7
+    assert one["metrics"]["tokens_trained"] == two["metrics"]["tokens_trained"] > 0
