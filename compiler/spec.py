@@ -95,8 +95,8 @@ class Job(Section):
         Field(
             min_length=1,
             max_length=4096,
-            description="Where runs are written: a path relative to the directory qlc runs "
-            "in (the project; '..' is refused), or an object-store URI (s3://, gs://, az://) "
+            description="Where runs are written: a path relative to the spec file's "
+            "directory ('..' is refused), or an object-store URI (s3://, gs://, az://) "
             "for batch services. Runs land in <output_dir>/<job.name>/<run id>/.",
         ),
     ] = "runs"
