@@ -112,8 +112,8 @@ def lock_text(stack: Stack, python: str, platform: str, body: str) -> str:
     return f"{lock_header(stack, python, platform)}{BODY_HEADER}sha256:{digest}\n{body}"
 
 
-def _check_body(text: str) -> None:
-    """When the lock records its body's sha256 (locks written by lock_text), verify it."""
+def _check_body(text: str, required: bool) -> None:
+    """Verify the body's recorded sha256 (lock_text writes it); compile requires it."""
     start = 0
     for line in text.splitlines(keepends=True):
         start += len(line)
@@ -128,7 +128,14 @@ def _check_body(text: str) -> None:
                 )
             return
         if line.strip() and not line.startswith("#"):
-            return
+            break
+    if not required:
+        return
+    raise LockError(
+        f"no '{BODY_HEADER.strip()}' line: the lock was not written by `qlc lock` (or its "
+        "header was cut); run `qlc lock` on its spec",
+        1,
+    )
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -193,7 +200,7 @@ def parse_lock(text: str) -> Lock:
                         "run `qlc lock SPEC`", 1)  # fmt: skip
     if not _INPUT_HASH.match(input_hash):
         raise LockError(f"malformed lock input hash {input_hash!r}; run `qlc lock SPEC`", 1)
-    _check_body(text)
+    _check_body(text, required=False)
     requirements: list[Requirement] = []
     seen: dict[str, int] = {}
     for number, line in _logical_lines(text):
@@ -234,6 +241,7 @@ def check_lock(
         raise LockError(f"the lock is not UTF-8 text ({err.reason}); run `qlc lock {spec_name}`",
                         1) from None  # fmt: skip
     lock = parse_lock(text)
+    _check_body(text, required=True)
     if lock.input_hash != expected_input_hash:
         now = expected_for or expected_input_hash
         raise LockError(

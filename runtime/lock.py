@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Protocol
 
 from qlc import __version__
+from qlc.compiler import lockfile
 from qlc.compiler.load import Diagnostic, SpecError, load_spec
 from qlc.compiler.locate import key_positions, locate
-from qlc.compiler.lockfile import INDEX_URL, PLATFORM, LockError, lock_header, parse_lock
+from qlc.compiler.lockfile import INDEX_URL, PLATFORM, LockError, parse_lock
 from qlc.compiler.plan import BaseImage, Plan
 from qlc.compiler.resolve import ResolveError, resolve
 
@@ -104,7 +105,7 @@ def lock_text(plan: Plan, resolver: Resolver) -> str:
     """The full lock text for a plan: qlc header + the resolver's hash-locked output."""
     stack, python = plan.stack, plan.stack.python
     body = resolver.compile(stack.requirements(), python, PLATFORM)
-    text = str(lock_header(stack, python, PLATFORM)) + body
+    text = lockfile.lock_text(stack, python, PLATFORM, body)
     try:
         parse_lock(text)
     except LockError as err:

@@ -11,8 +11,8 @@ from qlc.compiler.lockfile import (
     LockError,
     check_lock,
     describe_inputs,
-    lock_header,
     lock_input_hash,
+    lock_text,
     parse_lock,
 )
 from qlc.compiler.plan import Stack
@@ -31,7 +31,7 @@ BODY = (
 
 
 def lock_for(stack: Stack = STACK, body: str = BODY) -> str:
-    return lock_header(stack, stack.python, PLATFORM) + body
+    return lock_text(stack, stack.python, PLATFORM, body)
 
 
 def test_input_hash_is_stable_and_covers_each_input() -> None:
@@ -56,7 +56,7 @@ def test_parse_lock_reads_pins_hashes_and_header() -> None:
     lock = parse_lock(lock_for())
     assert [r.pin for r in lock.requirements] == ["accelerate==1.15.0", "torch==2.13.0"]
     assert lock.requirements[0].hashes == (H1, H2)
-    assert lock.requirements[1].line == 8
+    assert lock.requirements[1].line == 9  # after three header lines
     assert lock.input_hash == lock_input_hash(STACK, "3.12", PLATFORM)
     assert lock.resolved_for == describe_inputs(STACK, "3.12", PLATFORM)
     assert lock.version_of("Accelerate") == "1.15.0" and lock.version_of("nope") is None
@@ -65,13 +65,13 @@ def test_parse_lock_reads_pins_hashes_and_header() -> None:
 @pytest.mark.parametrize(
     ("body", "line", "fragment"),
     [
-        ("torch>=2.13 \\\n    --hash=sha256:" + H1 + "\n", 3, "expected `name==version"),
-        ("torch==2.13.0\n", 3, "torch==2.13.0 has no --hash=sha256"),
-        ("torch==2.13.0 --hash=md5:abc\n", 3, "unexpected '--hash=md5:abc'"),
-        ("torch==2.13.0 --hash=sha256:abc\n", 3, "only --hash=sha256:<64 hex>"),
-        ("--extra-index-url https://evil.example\n", 3, "expected `name==version"),
-        ("-e .\n", 3, "expected `name==version"),
-        (f"a==1 --hash=sha256:{H1}\n\nA==2 --hash=sha256:{H1}\n", 5, "pinned twice"),
+        ("torch>=2.13 \\\n    --hash=sha256:" + H1 + "\n", 4, "expected `name==version"),
+        ("torch==2.13.0\n", 4, "torch==2.13.0 has no --hash=sha256"),
+        ("torch==2.13.0 --hash=md5:abc\n", 4, "unexpected '--hash=md5:abc'"),
+        ("torch==2.13.0 --hash=sha256:abc\n", 4, "only --hash=sha256:<64 hex>"),
+        ("--extra-index-url https://evil.example\n", 4, "expected `name==version"),
+        ("-e .\n", 4, "expected `name==version"),
+        (f"a==1 --hash=sha256:{H1}\n\nA==2 --hash=sha256:{H1}\n", 6, "pinned twice"),
         ("# nothing\n", 1, "pins no packages"),
     ],
 )
