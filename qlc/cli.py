@@ -73,11 +73,15 @@ def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
 def write_context(context: BuildContext, directory: Path) -> None:
     """Write a context atomically: a sibling temp dir renamed into place."""
     directory = directory.resolve()
-    if directory.exists() and any(directory.iterdir()):
-        existing = {p.name for p in directory.iterdir()}
-        if not existing <= set(context.files) | {".qlc-context"}:
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file: give -o a new or empty directory")
+    if directory.exists():
+        ours = set(context.files) | {".qlc-context"}
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours or p.is_dir())
+        if foreign:
             raise UserError(
-                f"{directory} holds files qlc did not write: choose an empty or new directory"
+                f"{directory} holds files qlc did not write ({', '.join(foreign[:3])}): "
+                "choose an empty or new directory"
             )
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=directory.parent))
