@@ -1,4 +1,5 @@
-"""build: spec -> compiled context on disk -> image tagged by content hash -> build record.
+"""build: spec -> compiled context (in memory; a copy on disk to read) -> image tagged by
+content hash -> build record.
 
 The tag is `qlc/<job>:<key>` where key is the first 12 hex of the context's content hash
 (or, with --base-image, of sha256(content hash + the override), since the override is an
@@ -99,7 +100,9 @@ def image_tag(job: str, key: str) -> str:
 
 
 def write_context_dir(context: BuildContext, project_dir: Path) -> Path:
-    """Write the context under .qlc/contexts/<hash>/ (atomically); reuse it when intact."""
+    """Write the context under .qlc/contexts/<hash>/ (atomically); reuse it when intact.
+
+    The folder is for people to read; builds send `context.files` from memory."""
     target = state_dir(project_dir) / "contexts" / context.content_hash.removeprefix("sha256:")
     if context_matches(target, context):
         return target
@@ -221,7 +224,8 @@ def _run_build(
             bar.feed(line)
 
         try:
-            image_id = engine.build(context_dir, tag, buildargs, labels, on_line)
+            # The checked bytes themselves, never the folder: it could change after the check.
+            image_id = engine.build(context.files, tag, buildargs, labels, on_line)
         except BuildError as error:
             raise BuildFailure(explain_build_error(error, base_ref, log_path)) from None
         except EngineError:

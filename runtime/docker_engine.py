@@ -8,10 +8,11 @@ turns one into what the SDK sends, so the GPU request can be checked without a G
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -92,7 +93,7 @@ class Engine(Protocol):
     def find_image(self, ref: str) -> ImageInfo | None: ...
     def build(
         self,
-        context_dir: Path,
+        files: Mapping[str, bytes],
         tag: str,
         buildargs: Mapping[str, str],
         labels: Mapping[str, str],
@@ -188,14 +189,18 @@ class DockerEngine:
 
     def build(
         self,
-        context_dir: Path,
+        files: Mapping[str, bytes],
         tag: str,
         buildargs: Mapping[str, str],
         labels: Mapping[str, str],
         on_line: Callable[[str], None],
     ) -> str:
+        """Build from the given bytes (sent as one in-memory tar), never from a folder that
+        could change between a check and the daemon reading it."""
         stream = self._api.build(
-            path=str(context_dir),
+            fileobj=io.BytesIO(context_tar(files)),
+            custom_context=True,
+            encoding=None,
             tag=tag,
             buildargs=dict(buildargs),
             labels=dict(labels),
@@ -263,6 +268,21 @@ class DockerEngine:
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
         return dict(self._api.inspect_container(container_id))
+
+
+def context_tar(files: Mapping[str, bytes]) -> bytes:
+    """An uncompressed tar of the files, byte-identical for identical files: sorted names,
+    fixed mtime, owner and mode."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(files):
+            data = files[name]
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _follow_build(stream: Iterator[dict[str, Any]], on_line: Callable[[str], None]) -> str:

@@ -46,7 +46,7 @@ class FakeEngine:
 
     def build(
         self,
-        context_dir: Path,
+        files: Mapping[str, bytes],
         tag: str,
         buildargs: Mapping[str, str],
         labels: Mapping[str, str],
@@ -55,11 +55,11 @@ class FakeEngine:
         self.calls.append(f"build {tag}")
         self.builds.append(
             {
-                "dir": context_dir,
                 "tag": tag,
                 "buildargs": dict(buildargs),
                 "labels": dict(labels),
-                "files": sorted(p.name for p in context_dir.iterdir()),
+                "files": sorted(files),
+                "contents": dict(files),
             }
         )
         for line in self.build_lines:

@@ -95,6 +95,29 @@ def test_context_edited_on_disk_is_replaced_by_the_compiled_one(
     assert train.read_bytes() == compiled.files["train.py"]
 
 
+def test_build_sends_the_compiled_bytes_even_if_the_folder_changes_meanwhile(
+    tiny_project: Path, fake_engine: FakeEngine
+) -> None:
+    project = tiny_project.parents[1]
+    compiled = compile_for_build(tiny_project, project).context
+    folder = project / ".qlc" / "contexts" / compiled.content_hash.removeprefix("sha256:")
+
+    def tamper(line: str) -> None:  # runs inside engine.build, after the folder was checked
+        (folder / "train.py").write_text("import os; os.system('echo pwned')\n")
+
+    fake_engine.build_lines = ["Step 1/1 : FROM base"]
+    original_build = fake_engine.build
+
+    def build_then_tamper(files, tag, buildargs, labels, on_line):  # type: ignore[no-untyped-def]
+        tamper("")
+        return original_build(files, tag, buildargs, labels, on_line)
+
+    fake_engine.build = build_then_tamper  # type: ignore[method-assign]
+    build(tiny_project, None, project_dir=project, engine=fake_engine, console=QUIET)
+    (call,) = fake_engine.builds
+    assert call["contents"] == compiled.files
+
+
 def test_spec_path_spelling_does_not_change_the_tag(
     tiny_project: Path, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -204,12 +227,11 @@ def test_real_rebuild_after_changing_a_training_value(
 
 @pytest.mark.docker
 def test_real_failed_pip_install_is_named(docker_ready: str, tmp_path: Path) -> None:
-    context = tmp_path / "ctx"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
+    dockerfile = (
         f"FROM {docker_ready}\nRUN python3 -m pip install --no-cache-dir "
         "qlc-package-that-does-not-exist==0.0.1\n"
     )
+    context = {"Dockerfile": dockerfile.encode()}
     with pytest.raises(BuildError) as caught:
         DockerEngine().build(context, "qlc-test/pip-fails:1", {}, {}, lambda line: None)
     message = explain_build_error(caught.value, docker_ready, tmp_path / "log")

@@ -13,6 +13,7 @@ from qlc.runtime.docker_engine import (
     DockerEngine,
     Mount,
     _follow_build,
+    context_tar,
     device_requests,
     host_config_kwargs,
     split_lines,
@@ -79,6 +80,22 @@ def test_follow_build_raises_with_the_log_tail() -> None:
         _follow_build(iter(stream), lambda line: None)
     assert caught.value.message == "returned a non-zero code: 1"
     assert caught.value.log_tail == ["ERROR: No matching distribution found for nope"]
+
+
+def test_context_tar_is_deterministic_and_holds_exactly_the_files() -> None:
+    import io
+    import tarfile
+
+    files = {"train.py": b"print(1)\n", "Dockerfile": b"FROM x\n", ".dockerignore": b"*\n"}
+    first = context_tar(files)
+    assert first == context_tar(dict(reversed(list(files.items()))))
+    with tarfile.open(fileobj=io.BytesIO(first)) as archive:
+        members = archive.getmembers()
+        assert [m.name for m in members] == sorted(files)
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(0, 0, 0, 0o644)}
+        for member in members:
+            handle = archive.extractfile(member)
+            assert handle is not None and handle.read() == files[member.name]
 
 
 def test_missing_daemon_names_the_endpoint_and_the_fix(tmp_path: Path) -> None:
