@@ -1,10 +1,12 @@
 """reproduce: rerun a recorded run and say, item by item, whether it matched.
 
 Order: the manifest itself (its sha256 against manifest.sha256, so an edit by hand is
-caught), the inputs as they are now against the recorded hashes (spec, lock, model files,
-data files), the image (reused when the recorded one is still there and spec and lock are
-unchanged, rebuilt otherwise), the rerun, then the outputs: adapter files bit-identical, or
-final metrics within the stated relative tolerance, and the hardware/software observed.
+caught, and its subjects against the run's files, so an edit that also rewrote
+manifest.sha256 is caught too), the inputs as they are now against the recorded hashes
+(spec, lock, model files, data files), the image (reused when the recorded one is still
+there and spec and lock are unchanged, rebuilt otherwise), the rerun, then the outputs:
+adapter files bit-identical, or final metrics within the stated relative tolerance, and
+the hardware/software observed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from qlc.runtime.docker_engine import DockerEngine, Engine
-from qlc.runtime.manifest import manifest_edited, read_manifest, sha256_file
+from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest, sha256_file
 from qlc.runtime.records import BuildRecord
 from qlc.runtime.run import (
     RunFailed,
@@ -167,6 +169,23 @@ def hardware_verdict(old: dict[str, Any], new: dict[str, Any]) -> Verdict:
     return Verdict("hardware", not changed, "same" if not changed else "; ".join(changed))
 
 
+def manifest_verdict(run_dir: Path, manifest: dict[str, Any]) -> Verdict | None:
+    """A failed verdict when the manifest is not what the runtime wrote for these files:
+    its bytes differ from manifest.sha256 or (that file rewritten too) its subjects do not
+    hash to the run's files. None when it checks out."""
+    edited = manifest_edited(run_dir)
+    if edited is not None:
+        return Verdict("manifest", False, f"edited by hand: {edited}")
+    mismatches = check_subjects(run_dir, manifest)
+    if mismatches:
+        return Verdict(
+            "manifest",
+            False,
+            "does not describe the run's files (edited by hand?): " + "; ".join(mismatches),
+        )
+    return None
+
+
 def reproduce(
     manifest_path: Path,
     *,
@@ -181,10 +200,9 @@ def reproduce(
     original = read_manifest(manifest_path)
     if original is None:
         raise ReproduceError(f"{manifest_path}: not a qlc manifest (unreadable or not JSON)")
-    edited = manifest_edited(manifest_path.parent)
-    if edited is not None:
-        verdict = Verdict("manifest", False, f"edited by hand: {edited}")
-        return Reproduction(False, [verdict], None)
+    failed = manifest_verdict(manifest_path.parent, original)
+    if failed is not None:
+        return Reproduction(False, [failed], None)
     predicate = original["predicate"]
     host = predicate.get("host") or {}
     if predicate.get("status") != "succeeded":
@@ -202,7 +220,7 @@ def reproduce(
         raise ReproduceError(f"{manifest_path}: the recorded spec {spec_path} is gone")
     inputs = resolve_inputs(spec_path)
     verdicts = [
-        Verdict("manifest", True, "matches manifest.sha256"),
+        Verdict("manifest", True, "matches manifest.sha256 and the run's files"),
         *input_verdicts(predicate, inputs),
     ]
     engine = engine or DockerEngine()

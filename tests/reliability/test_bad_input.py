@@ -686,12 +686,6 @@ def test_reproduce_detects_a_hand_edited_manifest(tmp_path: Path, tally) -> None
     assert any(v.item == "manifest" and not v.ok and "edited" in v.detail for v in result.verdicts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: runtime/reproduce.py trusts manifest.sha256 "
-    "alone; an edit that also rewrites it (one sha256sum) is not caught although "
-    "the subjects no longer hash to the adapter files (check_subjects)",
-)
 def test_reproduce_checks_the_subjects_against_the_run_files(tmp_path: Path, tally) -> None:
     tally()
     import hashlib

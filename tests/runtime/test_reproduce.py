@@ -6,6 +6,7 @@ from qlc.runtime.reproduce import (
     compare_files,
     hardware_verdict,
     hash_tree,
+    manifest_verdict,
     metric_verdict,
     output_verdicts,
 )
@@ -80,3 +81,36 @@ def test_hash_tree_matches_the_training_scripts_layout(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("{}\n")
     assert list(hash_tree(tmp_path / "m")) == ["config.json"]
     assert list(hash_tree(tmp_path / "d.jsonl")) == ["d.jsonl"]
+
+
+def _run_dir_with_manifest(tmp_path: Path, recorded_sha: str) -> Path:
+    """A run dir whose manifest.sha256 matches its manifest (as if rewritten together)."""
+    import hashlib
+    import json
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    text = json.dumps(manifest(recorded_sha, 1.0, []))
+    (tmp_path / "manifest.json").write_text(text)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    (tmp_path / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+    return tmp_path
+
+
+def test_manifest_whose_subjects_match_the_files_passes(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    run_dir = _run_dir_with_manifest(tmp_path, hashlib.sha256(b"weights").hexdigest())
+    data = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest_verdict(run_dir, data) is None
+
+
+def test_manifest_rewritten_with_its_digest_is_caught_by_the_subjects(tmp_path: Path) -> None:
+    import json
+
+    run_dir = _run_dir_with_manifest(tmp_path, "0" * 64)
+    data = json.loads((run_dir / "manifest.json").read_text())
+    verdict = manifest_verdict(run_dir, data)
+    assert verdict is not None and verdict.item == "manifest" and not verdict.ok
+    assert "subject adapter/adapter_model.safetensors: sha256 differs" in verdict.detail
