@@ -119,6 +119,19 @@ def test_missing_gpus_stop_the_run_with_a_failed_manifest(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- real 2-process runs
 
 
+@pytest.mark.slow
+def test_a_user_error_in_the_processes_exits_2(tiny_context: Path, tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text((json.dumps({"body": "no text field here"}) + "\n") * 8)
+    out = tmp_path / "out"
+    result = run_train(tiny_context, out, QLC_NPROC="2", QLC_DATA_PATH=str(data))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "error: row 0: no field 'text'" in result.stderr
+    made = manifest(out)["predicate"]
+    assert made["status"] == "failed" and made["run"]["world_size"] == 2
+    assert "no field 'text'" in made["error"] and not (out / ".qlc-user-error").exists()
+
+
 def per_step_source() -> bytes:
     """specs/tiny.toml training one epoch at 8 examples per optimizer step (derived accum)."""
     text = (SPECS / "tiny.toml").read_text()
