@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 FAULT = os.environ.get("QLC_FAULT", "")
+ADAPTER_DIRS = ("adapter", ".adapter.partial")  # train.py saves to the second, then renames
 
 
 def fill_disk(directory: str) -> None:
@@ -82,7 +83,7 @@ def install(trainer_module: Any) -> None:
         original_adapter_save = peft.PeftModel.save_pretrained
 
         def save_pretrained(self: Any, directory: Any, *args: Any, **kwargs: Any) -> Any:
-            if Path(directory).name == "adapter":
+            if Path(directory).name in ADAPTER_DIRS:
                 fill_disk(out)
             return original_adapter_save(self, directory, *args, **kwargs)
 
@@ -93,7 +94,7 @@ def install(trainer_module: Any) -> None:
         original_safe_save = peft.peft_model.safe_save_file
 
         def half_then_kill(tensors: Any, filename: str, *args: Any, **kwargs: Any) -> None:
-            if Path(filename).parent.name != "adapter":
+            if Path(filename).parent.name not in ADAPTER_DIRS:
                 return original_safe_save(tensors, filename, *args, **kwargs)
             with open(filename, "wb") as handle:
                 handle.write(b"half an adapter")
