@@ -16,7 +16,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class FinalManifest:
     status: str
     data: dict[str, Any]
     problems: list[str]
+    write_error: OSError | None = None  # the final manifest could not be written whole
+    manifest_updated: bool = True  # False: even the in-place fallback failed
+    report_error: OSError | None = None  # report.md / loss.png could not be written
 
 
 def sha256_file(path: Path) -> str:
@@ -139,11 +142,66 @@ def finalize(run_dir: Path, host: HostView) -> FinalManifest:
         data["subject"] = []  # never claim an adapter of a run that did not finish
     predicate["status"] = status
     predicate["host"] = {**asdict(host), "qlc_version": __version__, "problems": problems}
-    write_json_atomic(path, data)
-    write_atomic(run_dir / MANIFEST_DIGEST, f"{sha256_file(path)}  {MANIFEST}\n".encode())
+    try:
+        write_json_atomic(path, data)
+        write_digest(run_dir)
+    except OSError as error:  # e.g. the disk is full
+        return record_unwritable(run_dir, data, problems, error)
     final = FinalManifest(path=path, status=status, data=data, problems=problems)
-    write_report(run_dir, final)
+    try:
+        write_report(run_dir, final)
+    except OSError as error:  # the manifest, the record that counts, is written
+        return replace(final, report_error=error)
     return final
+
+
+def write_digest(run_dir: Path) -> None:
+    path = run_dir / MANIFEST
+    write_atomic(run_dir / MANIFEST_DIGEST, f"{sha256_file(path)}  {MANIFEST}\n".encode())
+
+
+def record_unwritable(
+    run_dir: Path, data: dict[str, Any], problems: list[str], error: OSError
+) -> FinalManifest:
+    """The final manifest could not be written atomically (no room for a temporary file):
+    record the run as failed in place, compactly, else as a bare statement, so it never
+    keeps saying "running". `manifest_updated` is False when even that failed."""
+    path = run_dir / MANIFEST
+    predicate = data["predicate"]
+    predicate["status"] = "failed"
+    unwritten = f"the final manifest could not be written: {error.strerror or error}"
+    predicate["error"] = "; ".join(filter(None, [predicate.get("error"), unwritten]))
+    data["subject"] = []
+    bare = {key: data.get(key) for key in ("_type", "predicateType")}
+    bare_predicate = {k: predicate.get(k) for k in ("status", "error", "spec", "host")}
+    updated = False
+    for candidate in (data, {**bare, "subject": [], "predicate": bare_predicate}):
+        try:
+            write_in_place(path, json.dumps(candidate, separators=(",", ":")).encode())
+        except OSError:
+            continue
+        updated = True
+        break
+    digest_written = False
+    if updated:
+        with contextlib.suppress(OSError):
+            write_digest(run_dir)
+            digest_written = True
+    if not digest_written:  # an earlier digest would no longer match: it would read as an edit
+        with contextlib.suppress(OSError):
+            (run_dir / MANIFEST_DIGEST).unlink(missing_ok=True)
+    return FinalManifest(path, "failed", data, problems, error, manifest_updated=updated)
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite without a temporary file: truncating first frees the old bytes, so this
+    can succeed on a full disk where write_atomic cannot. Not atomic: the last resort.
+    A link in the file's place is refused (ELOOP), never followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def placeholder(host: HostView) -> dict[str, Any]:

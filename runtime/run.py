@@ -9,8 +9,10 @@ values are masked in everything qlc prints or keeps.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets as random_tokens
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -281,6 +283,12 @@ def conclude(
     run_dir: Path, host: HostView, log_path: Path, outcome: Outcome, redact: Callable[[str], str]
 ) -> RunResult:
     final = finalize(run_dir, host)
+    if final.report_error is not None:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"warning: report.md could not be written in {run_dir}: "
+            f"{final.report_error.strerror or final.report_error}",
+            markup=False,
+        )
     result = RunResult(
         run_dir=run_dir,
         status=final.status,
@@ -290,10 +298,38 @@ def conclude(
         manifest=final,
         log_path=log_path,
     )
+    if final.write_error is not None:
+        ran = (
+            ""
+            if outcome.ended == "exited" and outcome.exit_code == 0
+            else (explain_outcome(outcome, final, run_dir) + "\n")
+        )
+        raise RunFailed(redact(ran + unwritable_records(final, run_dir, host)), result)
     if final.status == "succeeded" and not final.problems:
         return result
     message = redact(explain_outcome(outcome, final, run_dir))
     raise RunFailed(message, result)
+
+
+def unwritable_records(final: FinalManifest, run_dir: Path, host: HostView) -> str:
+    """Why the final manifest is not on disk (a full disk, mostly) and how to carry on."""
+    error = final.write_error
+    assert error is not None
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = "the disk is full" if full else "the run directory cannot be written"
+    state = (
+        "the manifest records the run as failed"
+        if final.manifest_updated
+        else "the manifest could not be updated either (it may still say 'running')"
+    )
+    local = " --local" if host.mode == "local" else ""
+    spec = f" {shlex.quote(host.spec_path)}" if host.spec_path else ""
+    resume = f"qlc run{local}{spec} --resume {shlex.quote(str(run_dir))}"
+    remedy = "free space there" if full else "make it writable"
+    return (
+        f"{cause} ({error.strerror or error}): the final manifest in {run_dir} could not "
+        f"be written; {state}\nfix: {remedy}, then continue the run with `{resume}`"
+    )
 
 
 def explain_outcome(outcome: Outcome, final: FinalManifest, run_dir: Path) -> str:

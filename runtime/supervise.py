@@ -4,6 +4,7 @@ engine seam) and `qlc run --local` (a subprocess)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -79,19 +80,65 @@ def stream_lines(
     """Copy log lines to the run log and the display; Ctrl-C stops the run cleanly."""
     tail: list[str] = []
     ended = "exited"
-    with open_log(log_path) as log, RunProgress(console, title) as bar:
+    with RunLog(log_path, console) as log, RunProgress(console, title) as bar:
         while True:
             try:
                 for raw in lines:
                     line = redact(raw)
-                    log.write(line + "\n")
-                    log.flush()
+                    log.write(line)
                     tail = [*tail[-39:], line]
                     bar.feed(line)
                 return tail, ended
             except KeyboardInterrupt:
                 ended = "interrupted"
                 on_interrupt()
+
+
+class RunLog:
+    """run.log that never stops the supervision: when it cannot be written (a full disk),
+    say so once on stderr and go on without it, so the run is still followed, stopped on
+    Ctrl-C and its container removed."""
+
+    def __init__(self, path: Path, console: Console) -> None:
+        self.path, self.console = path, console
+        self.handle: TextIO | None = None
+        try:
+            self.handle = open_log(path)
+        except OSError as error:
+            self._give_up(error)
+
+    def write(self, line: str) -> None:
+        if self.handle is None:
+            return
+        try:
+            self.handle.write(line + "\n")
+            self.handle.flush()
+        except OSError as error:
+            self._give_up(error)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            try:
+                self.handle.close()
+            except OSError as error:
+                self._give_up(error)
+
+    def _give_up(self, error: OSError) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+        self.console.print(
+            f"warning: cannot write {self.path}: {error.strerror or error}; the run goes "
+            "on, its further log lines are not kept",
+            markup=False,
+        )
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_log(path: Path) -> TextIO:

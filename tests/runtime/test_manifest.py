@@ -163,3 +163,50 @@ def test_manifest_link_to_a_host_file_is_not_read(tmp_path: Path) -> None:
     final = finalize(run_dir, host())
     assert final.status == "failed"  # no manifest from the script: nothing claimed
     assert not (run_dir / "manifest.json").is_symlink()
+
+
+def _disk_full(*args: object, **kwargs: object) -> None:
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_records_the_run_as_failed_in_place(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import qlc.runtime.manifest as manifest_module
+
+    write_run(tmp_path, "running")
+    monkeypatch.setattr(manifest_module, "write_json_atomic", _disk_full)
+    final = finalize(tmp_path, host(exit_code=1))
+    assert final.write_error is not None and final.manifest_updated
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["predicate"]["status"] == final.status == "failed" and data["subject"] == []
+    assert "No space left on device" in data["predicate"]["error"]
+    assert data["predicate"]["host"]["exit_code"] == 1
+    assert manifest_edited(tmp_path) is None  # the digest matches what is on disk
+
+
+def test_a_succeeded_run_whose_manifest_cannot_be_written_is_not_claimed(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import qlc.runtime.manifest as manifest_module
+
+    write_run(tmp_path, "succeeded")
+    (tmp_path / MANIFEST_DIGEST).write_text("stale  manifest.json\n")
+    monkeypatch.setattr(manifest_module, "write_json_atomic", _disk_full)
+    monkeypatch.setattr(manifest_module, "write_atomic", _disk_full)
+    final = finalize(tmp_path, host())
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert final.status == data["predicate"]["status"] == "failed" and data["subject"] == []
+    assert not (tmp_path / MANIFEST_DIGEST).exists()  # a stale digest would read as an edit
+
+
+def test_manifest_that_cannot_be_rewritten_at_all_is_reported(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import qlc.runtime.manifest as manifest_module
+
+    write_run(tmp_path, "running")
+    for name in ("write_json_atomic", "write_in_place"):
+        monkeypatch.setattr(manifest_module, name, _disk_full)
+    final = finalize(tmp_path, host(exit_code=1))
+    assert final.write_error is not None and not final.manifest_updated
+    assert final.status == "failed"

@@ -360,3 +360,53 @@ def test_local_run_uses_this_python(tiny_project: Path) -> None:
     predicate = json.loads((run_dir / "manifest.json").read_text())["predicate"]
     assert predicate["status"] == "succeeded" and predicate["host"]["mode"] == "local"
     assert predicate["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_full_disk_is_a_run_failure_that_says_how_to_resume(
+    tiny_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import qlc.runtime.manifest as manifest_module
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(manifest_module, "write_json_atomic", disk_full)
+    engine = engine_with_image()
+    engine.exit_code = 1
+    engine.log_lines = ["OSError: [Errno 28] No space left on device"]
+    engine.on_start = script_writes("running")
+    with pytest.raises(RunFailed) as caught:
+        run_container(
+            record_for(tiny_project),
+            resolve_inputs(tiny_project),
+            engine=engine,
+            console=QUIET,
+            environ={},
+        )
+    message, result = str(caught.value), caught.value.result
+    assert "the disk is full (No space left on device)" in message
+    assert f"--resume {result.run_dir}" in message and "records the run as failed" in message
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["predicate"]["status"] == "failed"
+    assert "remove" in engine.calls
+
+
+def test_run_log_that_cannot_be_written_warns_once_and_streams_on(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from qlc.runtime.supervise import stream_lines
+
+    console = Console(record=True, width=200)
+    tail, ended = stream_lines(
+        iter(["one", "two", "three"]),
+        Path("/dev/full"),  # every write: ENOSPC
+        lambda line: line,
+        console,
+        "t",
+        on_interrupt=lambda: None,
+    )
+    assert tail == ["one", "two", "three"] and ended == "exited"
+    text = console.export_text()
+    assert text.count("warning: cannot write /dev/full: No space left on device") == 1
