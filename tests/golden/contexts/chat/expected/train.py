@@ -860,6 +860,12 @@ def reporting_callback(log: MetricsLog) -> Any:
     return Reporting()
 
 
+def reached_max_steps(checkpoint: Path, max_steps: int) -> bool:
+    """Whether a checkpoint is the end of a max_steps run (resuming it must train no more)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return max_steps > 0 and int(state.get("global_step", 0)) >= max_steps
+
+
 def train_reference(
     model: Any,
     tokenizer: Any,
@@ -891,7 +897,14 @@ def train_reference(
         if param.requires_grad:
             param.data = param.data.float()
     started = time.time()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and reached_max_steps(resume_from, args.max_steps):
+        # The Trainer would take one step past max_steps: load the final checkpoint instead.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - started
     trainer.save_model(str(out / ADAPTER_STAGING))  # gathers the adapter first under FSDP
     if trainer.is_world_process_zero():  # a pickle of paths and flags, not part of the adapter
@@ -1284,10 +1297,20 @@ def run(spec: dict[str, Any], env: Env, manifest: dict[str, Any]) -> dict[str, A
     return metrics
 
 
+def sort_target_modules(config_path: Path) -> None:
+    """peft writes target_modules from a set, in an order that varies with the hash seed:
+    sort it so the same training gives the same adapter_config.json bytes."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def publish_adapter(out: Path) -> None:
     """Swap the complete new adapter in by renames: a finished adapter is never half-written,
     and a rerun that dies while saving leaves the previous one as it was."""
     staging, final, old = out / ADAPTER_STAGING, out / "adapter", out / ".adapter.old"
+    sort_target_modules(staging / "adapter_config.json")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
