@@ -174,8 +174,9 @@ def record_unwritable(
     data["subject"] = []
     bare = {key: data.get(key) for key in ("_type", "predicateType")}
     bare_predicate = {k: predicate.get(k) for k in ("status", "error", "spec", "host")}
+    candidates: list[dict[str, Any]] = [data, {**bare, "subject": [], "predicate": bare_predicate}]
     updated = False
-    for candidate in (data, {**bare, "subject": [], "predicate": bare_predicate}):
+    for candidate in candidates:
         try:
             write_in_place(path, json.dumps(candidate, separators=(",", ":")).encode())
         except OSError:
