@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -53,9 +52,7 @@ def test_unchanged_spec_is_a_cache_hit_without_build_call(
 ) -> None:
     project = tiny_project.parents[1]
     first = build(tiny_project, "b", project_dir=project, engine=fake_engine, console=QUIET)
-    started = time.monotonic()
     second = build(tiny_project, "b", project_dir=project, engine=fake_engine, console=QUIET)
-    assert time.monotonic() - started < 2.0
     assert second.cache_hit and second.image_id == first.image_id and second.tag == first.tag
     assert [c for c in fake_engine.calls if c.startswith("build")] == [f"build {first.tag}"]
 
@@ -187,9 +184,7 @@ def test_missing_spec_is_a_user_error(tmp_path: Path, fake_engine: FakeEngine) -
 
 
 @pytest.mark.docker
-def test_real_build_then_cache_hit_within_two_seconds(
-    tiny_image: records.BuildRecord, tmp_path: Path
-) -> None:
+def test_real_build_then_cache_hit(tiny_image: records.BuildRecord, tmp_path: Path) -> None:
     engine = DockerEngine()
     image = engine.find_image(tiny_image.tag)
     assert image is not None and image.id == tiny_image.image_id
@@ -198,9 +193,8 @@ def test_real_build_then_cache_hit_within_two_seconds(
     assert image.user == "10001:10001"
     project = tmp_path / "again"
     spec = copy_tiny_project(project)
-    started = time.monotonic()
+    # The time a cache hit takes is a benchmark (bench/tooling.py), not a test.
     again = build(spec, tiny_image.base_image, project_dir=project, console=QUIET)
-    assert time.monotonic() - started <= 2.0
     assert again.cache_hit and again.image_id == tiny_image.image_id
 
 
