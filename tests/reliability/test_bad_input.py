@@ -194,7 +194,7 @@ def test_subprocess_sample_never_tracebacks(argv: list[bytes], project: Path, ta
 
 def test_every_pure_command_with_every_path_and_output(project: Path, tally) -> None:
     """The cross product the fuzz samples thinly: each read-only command, each path kind, each
-    output kind (known defects excepted, each a strict xfail of its own)."""
+    output kind."""
     failures = []
     for command in sorted(PURE & set(COMMANDS)):
         for path in GOOD_PATHS:
@@ -372,8 +372,8 @@ def test_truncated_lock_reaches_compile_as_an_error_on_its_last_line(tally) -> N
 
 
 def test_lock_with_a_body_digest_refuses_any_cut(tally) -> None:
-    """lock_text records the body's sha256; every cut of such a lock is refused (the committed
-    locks get the digest once runtime/lock.py writes them with lock_text: xfail below)."""
+    """lock_text records the body's sha256 (qlc lock writes it into every lock); every cut of
+    such a lock is refused."""
     from qlc.compiler.lockfile import lock_text
 
     plan = compile_spec(TINY_SOURCE, "specs/tiny.toml", TINY_LOCK.read_bytes()).plan

@@ -221,7 +221,7 @@ def test_disk_full_while_checkpointing_keeps_checkpoints_and_resumes(
     project: Path, small_disk: Path, tally
 ) -> None:
     tally()
-    code, output = qlc_run(project, strict=False, QLC_FAULT="fill-at:3")  # see the xfail below
+    code, output = qlc_run(project, strict=False, QLC_FAULT="fill-at:3")
     assert code != 0, output[-3000:]
     assert "No space left on device" in output
     run_dir = the_run_dir(project)
