@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -40,11 +42,17 @@ class Resolver(Protocol):
         ...
 
 
+def find_uv() -> str:
+    """uv from qlc's own environment (pip puts it beside the interpreter, which need not be on
+    PATH, e.g. `.venv/bin/qlc lock`), else the one on PATH."""
+    return shutil.which("uv", path=str(Path(sys.executable).parent)) or "uv"
+
+
 @dataclass(frozen=True)
 class UvResolver:
     """`uv pip compile --generate-hashes` against PyPI only (no user or machine uv config)."""
 
-    uv: str = "uv"
+    uv: str = field(default_factory=find_uv)
     index_url: str = INDEX_URL
     timeout_s: float = 600.0
 

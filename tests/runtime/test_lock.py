@@ -17,6 +17,7 @@ from qlc.runtime.lock import (
     LockFailure,
     UvResolver,
     check_base_image,
+    find_uv,
     lock_spec,
     plan_for,
     registry_path,
@@ -171,7 +172,7 @@ def test_official_images_live_under_library() -> None:
     assert registry_path("nvidia/cuda") == "nvidia/cuda"
 
 
-@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
+@pytest.mark.skipif(shutil.which(find_uv()) is None, reason="uv is not installed")
 def test_real_uv_resolves_a_small_requirement_with_hashes() -> None:
     # Talks to PyPI (reachable on developer machines and CI); one tiny pure-Python package.
     from qlc.compiler.lockfile import parse_lock
