@@ -70,7 +70,7 @@ def test_invalid_resolver_output_fails_and_keeps_the_old_lock(spec_copy: Path) -
 
 
 def test_uv_resolver_command_pins_python_platform_and_index() -> None:
-    command = UvResolver().command("3.12", PLATFORM)
+    command = UvResolver(uv="uv").command("3.12", PLATFORM)
     assert command[:4] == ["uv", "pip", "compile", "-"]
     for flag, value in [("--python-version", "3.12"), ("--python-platform", PLATFORM),
                         ("--index-url", "https://pypi.org/simple")]:  # fmt: skip
