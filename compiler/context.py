@@ -45,10 +45,8 @@ def lock_name(spec_name: str) -> str:
     return stem + ".lock"
 
 
-def compile_spec(
-    source: bytes, spec_name: str, lock: bytes | None = None, require_lock: bool = True
-) -> BuildContext:
-    """Compile spec bytes into a build context. Raises SpecError for anything the user must fix."""
+def plan_spec(source: bytes, spec_name: str) -> tuple[Plan, list[Diagnostic]]:
+    """Load and resolve spec bytes (no lock yet); SpecError, positioned, for what to fix."""
     spec, warnings = load_spec(source, spec_name)
     spec_sha256 = hashlib.sha256(source).hexdigest()
     try:
@@ -57,6 +55,14 @@ def compile_spec(
         )
     except ResolveError as err:
         raise SpecError([_at(spec_name, source, err.key, str(err))]) from None
+    return plan, warnings
+
+
+def compile_spec(
+    source: bytes, spec_name: str, lock: bytes | None = None, require_lock: bool = True
+) -> BuildContext:
+    """Compile spec bytes into a build context. Raises SpecError for anything the user must fix."""
+    plan, warnings = plan_spec(source, spec_name)
     lock_file = lock_name(spec_name)
     if lock is None and require_lock:
         raise SpecError(

@@ -7,7 +7,6 @@ writing `specs/<stem>.lock` atomically, and asking a registry for a base image's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from qlc import __version__
 from qlc.compiler import lockfile
-from qlc.compiler.load import Diagnostic, SpecError, load_spec
-from qlc.compiler.locate import key_positions, locate
+from qlc.compiler.context import plan_spec
+from qlc.compiler.load import Diagnostic, SpecError
 from qlc.compiler.lockfile import INDEX_URL, PLATFORM, LockError, parse_lock
 from qlc.compiler.plan import BaseImage, Plan
-from qlc.compiler.resolve import ResolveError, resolve
 
 
 class LockFailure(RuntimeError):
@@ -99,14 +96,7 @@ def plan_for(spec_path: Path) -> Plan:
         raise SpecError(
             [Diagnostic(name, 1, 1, "", f"cannot read the spec: {err.strerror}")]
         ) from None
-    spec, _warnings = load_spec(source, name)
-    try:
-        return resolve(spec, spec_name=name, spec_sha256=hashlib.sha256(source).hexdigest(),
-                       qlc_version=__version__, lock=None)  # fmt: skip
-    except ResolveError as err:
-        path = tuple(part for part in err.key.split(".") if part)
-        line, column = locate(key_positions(source.decode("utf-8")), path)
-        raise SpecError([Diagnostic(name, line, column, err.key, str(err))]) from None
+    return plan_spec(source, name)[0]
 
 
 def lock_text(plan: Plan, resolver: Resolver) -> str:
