@@ -21,6 +21,10 @@ PIPELINES = {
     "reference": {"engine": "reference", "memory": "standard"},
     "fast": {"engine": "fast", "memory": "standard"},
     "lean": {"engine": "fast", "memory": "lean"},
+    # Data parallel (issue 8): the reference engine at 8 examples per optimizer step on 1 and 2
+    # GPUs (4 per device x 2 accumulated, or 4 per device x 2 processes).
+    "ddp1": {"engine": "reference", "memory": "standard", "gpus": 1, "examples_per_step": 8},
+    "ddp2": {"engine": "reference", "memory": "standard", "gpus": 2, "examples_per_step": 8},
 }
 
 
@@ -45,12 +49,16 @@ def drop_key(text: str, key: str) -> str:
 
 
 def bench_spec(base: str, pipeline: str, cpu: bool, max_steps: int | None) -> str:
-    settings = PIPELINES[pipeline]
+    settings: dict = PIPELINES[pipeline]
     text = set_key(base, "job", "name", f'"bench-{pipeline}"')
     text = set_key(text, "data", "eval_fraction", "0.05")
     text = set_key(text, "train", "logging_steps", "1")
     text = set_key(text, "train", "engine", f'"{settings["engine"]}"')
     text = set_key(text, "train", "memory", f'"{settings["memory"]}"')
+    if "examples_per_step" in settings:
+        per_step = str(settings["examples_per_step"])
+        text = set_key(drop_key(text, "grad_accum"), "train", "examples_per_step", per_step)
+        text = set_key(text, "runtime", "gpus", str(settings["gpus"]))
     if max_steps:
         text = set_key(drop_key(text, "epochs"), "train", "max_steps", str(max_steps))
     if cpu:
@@ -67,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".work")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--pipelines", default=",".join(PIPELINES))
+    parser.add_argument("--pipelines", default="reference,fast,lean")
     args = parser.parse_args()
     base = (ROOT / "specs" / "guanaco.toml").read_text()
     lock = (ROOT / "specs" / "guanaco.lock").read_bytes()

@@ -140,6 +140,7 @@ def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[s
         "peak_reserved": summary.get("peak_memory_reserved") or summary.get("peak_memory_bytes"),
         "final_loss_last10pct": last_tenth_mean([r["loss"] for r in steps]),
         "heldout_loss": summary.get("eval_loss"),
+        "loss_curve": [round(float(r["loss"]), 4) for r in steps],
         "steps": summary.get("steps"),
         "tokens_trained": summary.get("tokens_trained"),
         "wall_s": wall,
@@ -155,6 +156,29 @@ def add_ratios(record: dict, seed: dict | None) -> None:
     record["reserved_vs_seed"] = ratio("peak_reserved")
     record["final_loss_vs_seed"] = ratio("final_loss_last10pct")
     record["heldout_loss_vs_seed"] = ratio("heldout_loss")
+
+
+def smoothed(curve: list[float], window: int = 10) -> list[float]:
+    return [sum(curve[i : i + window]) / window for i in range(len(curve) - window + 1)]
+
+
+def add_scaling(record: dict, one_gpu: dict | None) -> None:
+    """ddpN against ddp1 of the same call: throughput ratio and how far the loss curves part."""
+    if not one_gpu or one_gpu.get("status") != "ok" or record.get("status") != "ok":
+        return
+    record["speedup_vs_ddp1"] = record["tokens_per_s"] / one_gpu["tokens_per_s"]
+    mine, theirs = record["loss_curve"], one_gpu["loss_curve"]
+    if len(mine) != len(theirs) or len(mine) < 10:
+        record["loss_curve_vs_ddp1"] = f"not comparable: {len(mine)} vs {len(theirs)} steps"
+        return
+    pairs = list(zip(smoothed(mine), smoothed(theirs), strict=True))
+    record["loss_curve_vs_ddp1"] = {
+        "steps": len(mine),
+        "max_rel_diff_10step_mean": max(abs(a - b) / b for a, b in pairs),
+        "mean_rel_diff_10step_mean": sum(abs(a - b) / b for a, b in pairs) / len(pairs),
+        "final_loss_ratio": record["final_loss_last10pct"] / one_gpu["final_loss_last10pct"],
+        "heldout_loss_ratio": (record["heldout_loss"] or 0) / (one_gpu["heldout_loss"] or 1),
+    }
 
 
 def prepare(args) -> tuple[Path, Path, dict[str, str]]:
@@ -213,7 +237,7 @@ def main() -> None:
             [sys.executable, "-c", VERSIONS], env=env, check=True, capture_output=True, text=True
         ).stdout
     )
-    seed = None
+    seed = one_gpu = None
     sep = "/" if "/" in args.pipelines or ":" in args.pipelines else ","
     for pipeline in args.pipelines.split(sep):
         out = args.work / "runs" / re.sub(r"[^A-Za-z0-9._-]", "_", pipeline)
@@ -234,6 +258,10 @@ def main() -> None:
                 record[key + "_gib"] = round(record[key] / GIB, 2)
         if pipeline == "seed":
             seed = record
+        if pipeline == "ddp1":
+            one_gpu = record
+        elif pipeline.startswith("ddp"):
+            add_scaling(record, one_gpu)
         add_ratios(record, seed)
         record.update(info)
         line = json.dumps(record)
