@@ -33,6 +33,10 @@ class DaemonUnreachable(EngineError):
         self.endpoint = endpoint
 
 
+class PullError(EngineError):
+    """A pull the registry or daemon refused (unreachable, unknown digest, denied)."""
+
+
 class BuildError(EngineError):
     """The daemon reported an error while building; `log_tail` holds the last log lines."""
 
@@ -91,6 +95,8 @@ class Engine(Protocol):
 
     def ping(self) -> None: ...
     def find_image(self, ref: str) -> ImageInfo | None: ...
+    def pull(self, reference: str) -> ImageInfo: ...
+    def tag(self, image: str, repository: str, tag: str) -> None: ...
     def build(
         self,
         files: Mapping[str, bytes],
@@ -178,14 +184,29 @@ class DockerEngine:
             raise EngineError(f"cannot inspect image {ref!r}: {_short(error)}") from None
         except self._errors.DockerException as error:  # e.g. NullResource, bad reference
             raise EngineError(f"cannot inspect image {ref!r}: {_short(error)}") from None
-        config = data.get("Config") or {}
-        return ImageInfo(
-            id=data["Id"],
-            tags=tuple(data.get("RepoTags") or ()),
-            labels=dict(config.get("Labels") or {}),
-            repo_digests=tuple(data.get("RepoDigests") or ()),
-            user=config.get("User") or "",
-        )
+        return image_info(data)
+
+    def pull(self, reference: str) -> ImageInfo:
+        """Pull REPO@sha256:... (Docker's credential config authenticates); return the image."""
+        try:
+            for event in self._api.pull(reference, stream=True, decode=True):
+                if "error" in event:
+                    detail = event.get("errorDetail", {}).get("message") or event["error"]
+                    raise PullError(f"cannot pull {reference}: {_short(Exception(detail))}")
+            data = self._api.inspect_image(reference)
+        except self._errors.DockerException as error:
+            raise PullError(f"cannot pull {reference}: {_short(error)}") from None
+        except OSError as error:  # the connection to the daemon broke mid-stream
+            raise PullError(f"cannot pull {reference}: {_short(error)}") from None
+        return image_info(data)
+
+    def tag(self, image: str, repository: str, tag: str) -> None:
+        try:
+            self._api.tag(image, repository, tag=tag)
+        except self._errors.DockerException as error:
+            raise EngineError(
+                f"cannot tag {image} as {repository}:{tag}: {_short(error)}"
+            ) from None
 
     def build(
         self,
@@ -268,6 +289,18 @@ class DockerEngine:
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
         return dict(self._api.inspect_container(container_id))
+
+
+def image_info(data: Mapping[str, Any]) -> ImageInfo:
+    """The parts of `docker image inspect` the runtime reads."""
+    config = data.get("Config") or {}
+    return ImageInfo(
+        id=data["Id"],
+        tags=tuple(data.get("RepoTags") or ()),
+        labels=dict(config.get("Labels") or {}),
+        repo_digests=tuple(data.get("RepoDigests") or ()),
+        user=config.get("User") or "",
+    )
 
 
 def context_tar(files: Mapping[str, bytes]) -> bytes:

@@ -100,10 +100,29 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def save_build(project_dir: Path, record: BuildRecord) -> None:
-    data = record.model_dump(mode="json")
+    """Record a build as the job's and the project's latest. A rebuild that found the same
+    image (a cache hit) keeps that image's push: its registry digest still names it."""
     with records_locked(project_dir):
+        record = with_previous_push(project_dir, record)
+        data = record.model_dump(mode="json")
         write_json_atomic(build_record_path(project_dir, record.job), data)
         write_json_atomic(last_build_path(project_dir), data)
+
+
+def with_previous_push(project_dir: Path, record: BuildRecord) -> BuildRecord:
+    if record.registry_digest is not None:
+        return record
+    try:
+        previous = job_build(project_dir, record.job)
+    except RecordError:
+        return record
+    if previous is None or previous.registry_digest is None:
+        return record
+    if (previous.tag, previous.image_id) != (record.tag, record.image_id):
+        return record
+    return record.model_copy(
+        update={"registry_digest": previous.registry_digest, "pushed_ref": previous.pushed_ref}
+    )
 
 
 def load_build(path: Path) -> BuildRecord:

@@ -7,6 +7,10 @@ manifest.sha256 is caught too), the inputs as they are now against the recorded 
 there and spec and lock are unchanged, rebuilt otherwise), the rerun, then the outputs:
 adapter files bit-identical, or final metrics within the stated relative tolerance, and
 the hardware/software observed.
+
+The image verdict says which image ran: "pulled REPO@sha256:..." (the manifest records a
+registry digest: the pushed image, checked to be the recorded image id), "local image
+sha256:..." (no digest, or the registry could not be reached: said so), or "rebuilt".
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any
 
 from rich.console import Console
 
-from qlc.runtime.docker_engine import DockerEngine, Engine
+from qlc.runtime.docker_engine import DockerEngine, Engine, ImageInfo, PullError
 from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest, sha256_file
-from qlc.runtime.records import BuildRecord
+from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
+from qlc.runtime.records import BuildRecord, with_previous_push
 from qlc.runtime.run import (
     RunFailed,
     RunInputs,
@@ -225,6 +230,8 @@ def reproduce(
     ]
     engine = engine or DockerEngine()
     record = image_for(host, predicate, inputs, verdicts, engine, project, console, reuse_image)
+    if record is None:
+        return Reproduction(False, verdicts, None)
     rerun = _rerun(record, inputs, bool((predicate.get("run") or {}).get("smoke")), engine, console)
     if rerun.status != "succeeded":
         verdicts.append(Verdict("rerun", False, f"{rerun.status} ({rerun.run_dir})"))
@@ -245,31 +252,88 @@ def image_for(
     project: Path,
     console: Console,
     reuse_image: bool,
-) -> BuildRecord:
-    """The recorded image when it is still there and spec and lock are unchanged; otherwise
-    a build of the spec as it is now (a cache hit when nothing changed)."""
-    from qlc.runtime.build import build
-
+) -> BuildRecord | None:
+    """The image to rerun, its "image" verdict appended: the pushed image pulled by the
+    manifest's digest, else the recorded image still in the daemon, else a build of the spec
+    as it is now (a cache hit when nothing changed). Only with spec and lock unchanged is a
+    recorded image reused. None (with a failed verdict) when the pulled image is not the one
+    the manifest names: rerunning something else would prove nothing."""
     recorded_id = str(host.get("image_id") or (predicate.get("image") or {}).get("id") or "")
     inputs_same = all(v.ok for v in verdicts if v.item in ("spec", "lock"))
+    reference = digest_reference((predicate.get("image") or {}).get("digest"))
+    note = ""
+    if reuse_image and inputs_same and reference is not None:
+        try:
+            image = pull_verified(engine, reference, recorded_id or None)
+        except ImageMismatch as error:
+            verdicts.append(Verdict("image", False, f"not rerun: {error}"))
+            return None
+        except PullError as error:
+            note = f"{error}; instead "
+            console.print(f"warning: {error}: using a local image or a rebuild", markup=False)
+        else:
+            return pulled_record(image, reference, host, inputs, verdicts, engine, project, console)
     if reuse_image and inputs_same and recorded_id and engine.find_image(recorded_id):
         found = find_record_for_image(project, recorded_id)
         if found is not None:
-            verdicts.append(Verdict("image", True, f"reused the recorded image {recorded_id}"))
+            verdicts.append(Verdict("image", True, f"{note}local image {recorded_id}"))
             return found
-    base = host.get("base_image") if host.get("base_image_overridden") else None
-    record = build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
+    record = rebuild(host, inputs, engine, project, console)
     same = record.image_id == recorded_id
     verdicts.append(
         Verdict(
             "image",
             same or inputs_same,
-            f"rebuilt: the same image {recorded_id}"
+            f"{note}rebuilt: the same image {recorded_id}"
             if same
-            else f"rebuilt: {recorded_id or 'none'} -> {record.image_id}",
+            else f"{note}rebuilt: {recorded_id or 'none'} -> {record.image_id}",
         )
     )
     return record
+
+
+def pulled_record(
+    image: ImageInfo,
+    reference: str,
+    host: dict[str, Any],
+    inputs: RunInputs,
+    verdicts: list[Verdict],
+    engine: Engine,
+    project: Path,
+    console: Console,
+) -> BuildRecord:
+    """A build record to run the pulled image under: this project's record of that image,
+    else the recorded tag put back on it and the spec's build found in the cache."""
+    record = find_record_for_image(project, image.id)
+    if record is None:
+        tag = str(host.get("image_tag") or "")
+        if ":" in tag.rsplit("/", 1)[-1]:
+            repository, name = tag.rsplit(":", 1)
+            engine.tag(image.id, repository, name)
+        record = rebuild(host, inputs, engine, project, console)
+    if record.image_id != image.id:
+        verdicts.append(
+            Verdict(
+                "image",
+                False,
+                f"pulled {reference} (image {image.id}), but the spec as it is now builds "
+                f"image {record.image_id} (another qlc version?): rebuilt and ran that",
+            )
+        )
+        return record
+    verdicts.append(Verdict("image", True, f"pulled {reference} (image {image.id})"))
+    # The rerun's manifest records the digest too: the same pushed image ran both times.
+    return record.model_copy(update={"registry_digest": reference})
+
+
+def rebuild(
+    host: dict[str, Any], inputs: RunInputs, engine: Engine, project: Path, console: Console
+) -> BuildRecord:
+    from qlc.runtime.build import build
+
+    base = host.get("base_image") if host.get("base_image_overridden") else None
+    record = build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
+    return with_previous_push(project, record)
 
 
 def _rerun(

@@ -23,9 +23,24 @@ from rich.console import Console
 
 from qlc.compiler.load import load_spec_file
 from qlc.compiler.spec import Spec
-from qlc.runtime.docker_engine import ContainerRequest, DockerEngine, Engine, Mount
+from qlc.runtime.docker_engine import (
+    ContainerRequest,
+    DockerEngine,
+    Engine,
+    ImageInfo,
+    Mount,
+    PullError,
+)
 from qlc.runtime.manifest import FinalManifest, HostView, finalize
-from qlc.runtime.records import BuildRecord, RecordError, last_build, load_build, state_dir
+from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
+from qlc.runtime.records import (
+    BuildRecord,
+    RecordError,
+    last_build,
+    load_build,
+    state_dir,
+    with_previous_push,
+)
 from qlc.runtime.supervise import Outcome, supervise_container
 
 CONTAINER_UID = "10001:10001"  # the user templates/Dockerfile.j2 creates
@@ -202,12 +217,7 @@ def run_container(
     environ = os.environ if environ is None else environ
     engine = engine or DockerEngine()
     engine.ping()
-    image = engine.find_image(record.image_id)
-    if image is None:
-        raise RunInputError(
-            f"image {record.tag} ({record.image_id[:19]}) is not in the "
-            f"daemon at {engine.endpoint}: run `qlc build {record.spec_path}`"
-        )
+    image = local_or_pulled(record, engine, console)
     _warn_missing_secrets(inputs.spec, environ, console)
     blocked = unreadable_inputs(inputs, container_user(image.user))
     if blocked:
@@ -246,6 +256,29 @@ def run_container(
         base_image_overridden=record.base_image_overridden,
     )
     return conclude(run_dir, host, log_path, outcome, redact)
+
+
+def local_or_pulled(record: BuildRecord, engine: Engine, console: Console) -> ImageInfo:
+    """The built image in the daemon, else pulled back by the digest its push recorded."""
+    image = engine.find_image(record.image_id)
+    if image is not None:
+        return image
+    reference = digest_reference(record.registry_digest)
+    if reference is None:
+        raise RunInputError(
+            f"image {record.tag} ({record.image_id[:19]}) is not in the "
+            f"daemon at {engine.endpoint}: run `qlc build {record.spec_path}`"
+        )
+    console.print(f"image {record.tag} is not in the daemon: pulling {reference}", markup=False)
+    try:
+        return pull_verified(engine, reference, record.image_id)
+    except ImageMismatch as error:
+        raise RunInputError(str(error)) from None
+    except PullError as error:
+        raise PullError(
+            f"image {record.tag} is not in the daemon and {error}\nfix: make the registry "
+            f"reachable (and `docker login` to it), or rebuild: `qlc build {record.spec_path}`"
+        ) from None
 
 
 def unreadable_inputs(inputs: RunInputs, user: str) -> list[str]:
@@ -447,7 +480,10 @@ def resolve_target(
     if target.endswith(".toml") or Path(target).is_file():
         if not Path(target).is_file():
             raise RunInputError(f"{target}: no such spec file")
-        return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
+        record = build(
+            Path(target), base_image, project_dir=project, engine=engine, console=console
+        )
+        return with_previous_push(project, record)  # a cache hit still runs the pushed image
     image = engine.find_image(target)
     record = find_record_for_image(project, image.id) if image is not None else None
     if record is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlc.runtime.docker_engine import (
@@ -13,6 +13,7 @@ from qlc.runtime.docker_engine import (
     ContainerRequest,
     ContainerState,
     ImageInfo,
+    PullError,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +34,8 @@ class FakeEngine:
     start_error: Exception | None = None
     on_start: Callable[[ContainerRequest], None] | None = None
     interrupt_after: int | None = None  # raise KeyboardInterrupt after this many log lines
+    registry: dict[str, ImageInfo] = field(default_factory=dict)  # REPO@sha256:... -> image
+    pull_error: PullError | None = None
     calls: list[str] = field(default_factory=list)
     created: list[ContainerRequest] = field(default_factory=list)
     builds: list[dict[str, object]] = field(default_factory=list)
@@ -43,6 +46,24 @@ class FakeEngine:
     def find_image(self, ref: str) -> ImageInfo | None:
         self.calls.append(f"find_image {ref}")
         return self.images.get(ref)
+
+    def pull(self, reference: str) -> ImageInfo:
+        self.calls.append(f"pull {reference}")
+        if self.pull_error is not None:
+            raise self.pull_error
+        image = self.registry.get(reference)
+        if image is None:
+            raise PullError(f"cannot pull {reference}: manifest unknown")
+        image = replace(image, repo_digests=(*image.repo_digests, reference))
+        self.images[reference] = self.images[image.id] = image
+        return image
+
+    def tag(self, image: str, repository: str, tag: str) -> None:
+        self.calls.append(f"tag {image} {repository}:{tag}")
+        found = self.images[image]
+        self.images[f"{repository}:{tag}"] = replace(
+            found, tags=(*found.tags, f"{repository}:{tag}")
+        )
 
     def build(
         self,
