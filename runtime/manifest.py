@@ -308,7 +308,7 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
         f"- error: {predicate.get('error')}" if predicate.get("error") else "",
         f"- duration: {host.get('duration_s')} s, {host.get('started_at')} to "
         f"{host.get('finished_at')}",
-        f"- image: {host.get('image_tag')} ({host.get('image_id')}), base {host.get('base_image')}",
+        image_line(host, predicate.get("image") or {}),
         f"- spec sha256: {(predicate.get('spec') or {}).get('sha256')}",
         f"- lock sha256: {predicate.get('lock_sha256')}",
         "",
@@ -334,6 +334,16 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
     target = run_dir / "report.md"
     write_atomic(target, ("\n".join(line for line in lines if line is not None) + "\n").encode())
     return target
+
+
+def image_line(host: dict[str, Any], image: dict[str, Any]) -> str:
+    """Where the run ran: the image (and the registry digest it was pushed as), or --local."""
+    if host.get("mode") == "local":
+        return "- image: none (ran locally with --local, in the Python that ran qlc)"
+    line = f"- image: {host.get('image_tag')} ({host.get('image_id')})"
+    if image.get("digest"):
+        line += f", pushed as {image['digest']}"
+    return line + f", base {host.get('base_image')}"
 
 
 def ending_text(host: dict[str, Any]) -> str:

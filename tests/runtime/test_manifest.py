@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,27 @@ def test_manifest_that_cannot_be_rewritten_at_all_is_reported(tmp_path: Path, mo
     final = finalize(tmp_path, host(exit_code=1))
     assert final.write_error is not None and not final.manifest_updated
     assert final.status == "failed"
+
+
+def test_report_names_the_image_and_its_pushed_digest(tmp_path: Path) -> None:
+    manifest = write_run(tmp_path, "succeeded")
+    reference = "127.0.0.1:5000/qlc/tiny@sha256:" + "2" * 64
+    manifest["predicate"]["image"] = {"id": "sha256:" + "1" * 64, "digest": reference}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    finalize(tmp_path, host())
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        f"- image: qlc/tiny:111111111111 (sha256:{'1' * 64}), pushed as {reference}, "
+        "base qlc-base:bookworm\n"
+    ) in report
+
+
+def test_report_of_a_local_run_says_it_ran_without_an_image(tmp_path: Path) -> None:
+    write_run(tmp_path, "succeeded")
+    local = replace(
+        host(), mode="local", image_id=None, image_tag=None, base_image=None, network=None
+    )
+    finalize(tmp_path, local)
+    report = (tmp_path / "report.md").read_text()
+    assert "- image: none (ran locally with --local, in the Python that ran qlc)\n" in report
+    assert "image: None" not in report and "base None" not in report
