@@ -54,6 +54,26 @@ def test_one_gpu_or_cpu_runs_in_this_process(script: ModuleType) -> None:
     assert script.launch_argv(spec_with(script, 0), {}, 0, SCRIPT) is None
 
 
+@pytest.mark.parametrize(
+    ("gpus", "environ", "visible", "shown"),
+    [
+        (1, {}, 2, "0"),  # one process on a 2-GPU host: not nn.DataParallel over both
+        (2, {}, 8, "0,1"),  # torchrun's processes inherit it
+        (1, {"CUDA_VISIBLE_DEVICES": "3,5"}, 2, "3"),  # the first of those the host gave it
+        (2, {"QLC_NPROC": "1"}, 2, "0"),
+        (1, {}, 1, None),
+        (2, {}, 2, None),
+        (0, {}, 4, None),  # CPU spec
+        (1, {"LOCAL_RANK": "0"}, 8, None),  # a launcher's process keeps its view
+        (1, {"WORLD_SIZE": "4"}, 8, None),
+    ],
+)
+def test_a_run_sees_only_the_gpus_it_asked_for(
+    script: ModuleType, gpus: int, environ: dict[str, str], visible: int, shown: str | None
+) -> None:
+    assert script.visible_devices_for(spec_with(script, gpus), environ, visible) == shown
+
+
 @pytest.mark.parametrize("started_by", ["WORLD_SIZE", "LOCAL_RANK"])
 def test_a_launched_process_does_not_launch_again(script: ModuleType, started_by: str) -> None:
     assert script.launch_argv(spec_with(script, 4), {started_by: "0"}, 4, SCRIPT) is None

@@ -1055,6 +1055,32 @@ def supervise_launch(argv: list[str], environ: dict[str, str]) -> int:
     return 128 + received[0] if received else code
 
 
+def visible_devices_for(spec: dict[str, Any], environ: dict[str, str], visible: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES that shows this run only the GPUs it asked for (runtime.gpus, or
+    QLC_NPROC of them), or None: it sees no more than that, trains on CPU, or a launcher
+    started it. Without it one process on a bigger host would train through nn.DataParallel
+    on every GPU, and the manifest would list GPUs the run never used."""
+    if "WORLD_SIZE" in environ or "LOCAL_RANK" in environ or spec["runtime"]["gpus"] < 1:
+        return None
+    explicit = environ.get("QLC_NPROC", "").strip()
+    gpus = int(explicit) if explicit.isdigit() and int(explicit) > 0 else spec["runtime"]["gpus"]
+    if visible <= gpus:
+        return None
+    listed = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    chosen = listed[:gpus] if len(listed) >= gpus else [str(i) for i in range(gpus)]
+    return ",".join(chosen)
+
+
+def narrow_visible_gpus(spec: dict[str, Any]) -> None:
+    """Before anything starts CUDA (torch counts devices through NVML until then)."""
+    import torch
+
+    narrowed = visible_devices_for(spec, dict(os.environ), torch.cuda.device_count())
+    if narrowed is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = narrowed
+        print(f"qlc: using GPU(s) {narrowed} of this host (runtime.gpus)", flush=True)
+
+
 def check_devices(spec: dict[str, Any], env: Env) -> bool:
     """Whether to train on CPU. Runs torchrun, which starts this script once a process,
     when the spec (or QLC_NPROC) asks for several processes and no launcher started it."""
@@ -1347,6 +1373,7 @@ def main() -> int:
     plan = json.loads(plan_bytes)
     env.output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = env.output_dir / "manifest.json"
+    narrow_visible_gpus(plan["spec"])
     manifest = new_manifest(plan, plan_bytes, env)
     writes = env.rank == 0
     if writes:
