@@ -23,7 +23,10 @@ class _PackageLoader(BaseLoader):
         return path.read_text(encoding="utf-8"), template, None
 
 
-def _environment() -> Environment:
+def template_environment(ensure_ascii: bool = True) -> Environment:
+    """The one Jinja environment for every template qlc ships (build context and job files):
+    StrictUndefined, no autoescape, kept newlines, `tojson` with sorted keys; job files keep
+    non-ASCII text readable (ensure_ascii=False), the build context is ASCII."""
     env = Environment(
         loader=_PackageLoader(),
         undefined=StrictUndefined,
@@ -32,7 +35,7 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": True}
+    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": ensure_ascii}
     return env
 
 
@@ -49,7 +52,7 @@ def plan_json(plan: Plan) -> bytes:
 
 def render_files(plan: Plan, spec_source: bytes, lock: bytes | None) -> dict[str, bytes]:
     """Every file of the build context, by name."""
-    env = _environment()
+    env = template_environment()
     python_major, python_minor = (int(part) for part in plan.stack.python.split("."))
     values = {
         "plan": plan,

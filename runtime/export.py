@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
-
 from qlc.compiler.plan import Plan
+from qlc.compiler.render import template_environment
 
 TARGETS = ("kubernetes", "aws-batch", "gcp-batch", "skypilot")
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
@@ -183,19 +182,10 @@ def torchrun_script(shape: JobShape, nodes: str, rank: str, master: str) -> str:
     )
 
 
-_ENVIRONMENT = Environment(
-    loader=PackageLoader("qlc.templates", "jobs"),
-    undefined=StrictUndefined,
-    autoescape=False,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_ENVIRONMENT.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False}
-
-
 def render_template(template: str, **values: Any) -> str:
-    return _ENVIRONMENT.get_template(template).render(**values)
+    """A job file from templates/jobs/, through the compiler's template environment."""
+    environment = template_environment(ensure_ascii=False)  # job files keep text readable
+    return environment.get_template(f"jobs/{template}").render(**values)
 
 
 def write_export(files: dict[str, str], directory: Path, overwrite: bool = False) -> list[Path]:
