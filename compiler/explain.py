@@ -1,4 +1,5 @@
-"""explain: every effective value of a spec, and whether the spec or a default set it."""
+"""explain: every effective value of a spec, whether the spec or a default set it, and the
+preflight memory estimate (compiler/memory.py) shown as lines."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from qlc.compiler.memory import Fit, MemoryEstimate
+from qlc.compiler.shapes import GIB
 from qlc.compiler.spec import Spec
 
 
@@ -85,3 +88,55 @@ def derived(spec: Spec) -> list[Setting]:
             "from the data file's suffix (null for hub datasets)",
         ),
     ]
+
+
+def memory_lines(result: MemoryEstimate, fit: Fit | None) -> list[str]:
+    """The memory estimate as plain lines: each term, the predicted peak, and the fit."""
+    lines = [
+        f"memory estimate: {result.setting}; {result.shape.name}, "
+        f"{result.tokens:,} tokens in the largest micro-batch (batch_size x data.max_length)"
+    ]
+    width = max(len(t.key) for t in result.terms)
+    for term in result.terms:
+        where = "" if term.in_pool else " [outside torch's pool]"
+        lines.append(f"  {term.key:<{width}}  {_gib(term.bytes):>10}  {term.detail}{where}")
+    lines.append(f"  {'predicted peak reserved':<{width}}  {_gib(result.total_bytes):>10}")
+    lines.extend(f"  note: {note}" for note in result.notes)
+    if fit is None:
+        lines.append("  (name a GPU with --gpu to check the fit)")
+        return lines
+    verdict = (
+        f"fits, {_gib(fit.spare)} to spare"
+        if fit.fits
+        else f'does NOT fit: {_gib(-fit.spare)} short (try train.memory = "lean", a smaller '
+        "train.batch_size with train.grad_accum, or a shorter data.max_length)"
+    )
+    lines.append(
+        f"on {fit.gpu.name} ({_gib(fit.gpu.memory_bytes)}): peak {_gib(fit.peak_reserved)} + CUDA "
+        f"context {_gib(fit.context)} + headroom {_gib(fit.headroom)} = {_gib(fit.needed)}: "
+        f"{verdict}"
+    )
+    if fit.outside_pool:
+        lines.append(
+            f"  plus {_gib(fit.outside_pool)} of paged optimizer states, which move to host "
+            "memory when the card is full"
+        )
+    return lines
+
+
+def memory_json(result: MemoryEstimate, fit: Fit | None) -> dict[str, Any]:
+    shown: dict[str, Any] = result.as_dict()
+    if fit is not None:
+        shown["gpu"] = {
+            "name": fit.gpu.name,
+            "memory_bytes": fit.gpu.memory_bytes,
+            "cuda_context_bytes": fit.context,
+            "headroom_bytes": fit.headroom,
+            "needed_bytes": fit.needed,
+            "fits": fit.fits,
+        }
+    return shown
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"

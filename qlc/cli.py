@@ -19,12 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from qlc import __version__
-from qlc.compiler.explain import derived, explain
+from qlc.compiler.explain import derived, explain, memory_json, memory_lines
 from qlc.compiler.load import SpecError, load_spec_file
 from qlc.compiler.spec import Spec
 
 if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fast
     from qlc.compiler.context import BuildContext
+    from qlc.compiler.shapes import ModelShape
 
 app = typer.Typer(
     name="qlc",
@@ -116,12 +117,32 @@ def validate(specs: Annotated[list[Path], typer.Argument(help="Spec files to che
 def explain_command(
     spec: SpecArg,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="Check the memory estimate against this GPU, e.g. H100, L4."),
+    ] = None,
 ) -> None:
-    """Show every effective setting, its value, and whether the spec or a default set it."""
+    """Show every effective setting, its value, whether the spec or a default set it, and the
+    predicted peak GPU memory of training (with --gpu: whether it fits that card)."""
+    from qlc.compiler.memory import check_fit, estimate
+    from qlc.compiler.shapes import UnknownGpu, UnknownShape, find_gpu
+
     loaded, warnings = load_spec_file(spec)
+    try:
+        card = find_gpu(gpu) if gpu is not None else None
+    except UnknownGpu as error:
+        raise UserError(f"--gpu: {error}") from None
     rows = explain(loaded) + derived(loaded)
+    try:
+        memory = estimate(loaded, local_model_shape(spec, loaded), card)
+        fit = check_fit(memory, card) if card is not None else None
+        memory_out: dict[str, object] = memory_json(memory, fit)
+        memory_text = memory_lines(memory, fit)
+    except UnknownShape as error:
+        memory_out, memory_text = {"error": str(error)}, [f"no memory estimate: {error}"]
     if as_json:
-        out.print_json(json.dumps({r.key: {"value": r.value, "source": r.source} for r in rows}))
+        shown: dict[str, object] = {r.key: {"value": r.value, "source": r.source} for r in rows}
+        out.print_json(json.dumps({**shown, "memory": memory_out}))
         return
     print_warnings([str(w) for w in warnings])
     if out.is_terminal:
@@ -129,10 +150,32 @@ def explain_command(
         for row in rows:
             table.add_row(row.key, row.shown, row.source, row.description)
         out.print(table)
-        return
-    width = max(len(row.key) for row in rows)
-    for row in rows:
-        out.print(f"{row.key:<{width}}  {row.shown}  ({row.source})", markup=False)
+    else:
+        width = max(len(row.key) for row in rows)
+        for row in rows:
+            out.print(f"{row.key:<{width}}  {row.shown}  ({row.source})", markup=False)
+    out.print("\n" + "\n".join(memory_text), markup=False)
+
+
+def local_model_shape(spec_path: Path, spec: Spec) -> ModelShape | None:
+    """The shape in a local model directory's config.json (model.path), if there is one."""
+    from qlc.compiler.shapes import UnknownShape, shape_from_config
+
+    if spec.model.path is None:
+        return None
+    directory = Path(spec.model.path)
+    config = (
+        directory if directory.is_absolute() else spec_path.parent / directory
+    ) / "config.json"
+    try:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UnknownShape(f"{config}: cannot read the model config ({error})") from None
+    if not isinstance(document, dict):
+        raise UnknownShape(f"{config}: not a JSON object")
+    return shape_from_config(document, str(config))
 
 
 @app.command()

@@ -1,0 +1,222 @@
+"""The preflight memory estimate: predicted peak GPU memory of one training process.
+
+The estimate is a sum of named terms, in bytes, each derived from the model's shape and the
+spec the way the engine that runs it allocates memory: templates/train.py.j2 with trl's
+SFTTrainer for train.engine = "reference", templates/fast_engine.py for "fast" (its "standard"
+and "lean" memory settings). What it predicts is torch's peak *reserved* memory
+(`torch.cuda.max_memory_reserved`, what bench/run.py measures). The CUDA context and paged
+optimizer states (bitsandbytes' unified memory, evicted to the host under pressure) live outside
+that pool: they are shown apart, and `check_fit` adds the context. tests/compiler/test_memory.py
+checks the totals against the H100 measurements in bench/results.
+
+Pure: no I/O, environment or clock. The shape comes from compiler/data/shapes.toml, or from a
+local model's config.json that the caller read (`qlc.compiler.shapes.shape_from_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qlc.compiler.plan import Plan
+from qlc.compiler.shapes import GIB, PROJECTIONS, Gpu, ModelShape, UnknownShape, known_shape
+from qlc.compiler.spec import Spec
+
+# Measured constants (each with where it comes from).
+# Reserved over allocated at the peak, from bench/results/2026-11-26-h100-call5.jsonl:
+# seed recipe 7136608256 / 6351951360 (the reference engine runs the same trainer path on
+# padded batches; its own run records no allocated figure), fast 40022048768 / 38637564928,
+# lean (expandable segments) 7289700352 / 6900891136.
+ALLOCATOR_OVERHEAD = {"reference": 0.124, "fast": 0.036, "lean": 0.056}
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + kernel images, outside torch's pool
+FIT_HEADROOM = 0.05  # of the card: fragmentation spikes, other processes
+# Library constants (bitsandbytes 0.50, trl 1.16, fast_engine.py).
+QUANT_BLOCK = 64  # 4-bit blocksize: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantization: one float32 absmax per 256 8-bit absmax
+OPTIM_BLOCK = 256  # 8-bit optimizers: one float32 absmax per 256 states
+PAGED_MIN = 100_000  # bitsandbytes pages a state buffer only from 1e5 elements
+EIGHT_BIT_MIN = 4096  # smaller tensors keep 32-bit states
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl's chunked log-prob head
+LEAN_LOSS_CHUNK = 1024  # fast_engine.py: tokens per checkpointed loss chunk
+FAST_PLAN_MARGIN = 6 * GIB  # fast_engine.py _memory_plan's margin
+LEAN_OPTIMIZERS = {  # train.py.j2: the reference engine's 8-bit swap under memory = "lean"
+    "adamw_torch": "adamw_8bit",
+    "adamw_torch_fused": "adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_8bit",
+}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Term:
+    key: str
+    bytes: int
+    detail: str
+    in_pool: bool = True  # inside torch's caching allocator: part of the predicted peak
+
+    @property
+    def gib(self) -> float:
+        return float(self.bytes / GIB)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    setting: str
+    shape: ModelShape
+    tokens: int
+    terms: tuple[Term, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        """Predicted peak reserved memory of torch's allocator."""
+        return sum(t.bytes for t in self.terms if t.in_pool)
+
+    @property
+    def outside_pool_bytes(self) -> int:
+        return sum(t.bytes for t in self.terms if not t.in_pool)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "setting": self.setting,
+            "model": self.shape.name,
+            "tokens_per_micro_batch": self.tokens,
+            "total_bytes": self.total_bytes,
+            "outside_pool_bytes": self.outside_pool_bytes,
+            "terms": [
+                {"key": t.key, "bytes": t.bytes, "in_pool": t.in_pool, "detail": t.detail}
+                for t in self.terms
+            ],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Fit:
+    gpu: Gpu
+    peak_reserved: int
+    context: int
+    headroom: int
+    outside_pool: int
+
+    @property
+    def needed(self) -> int:
+        return self.peak_reserved + self.context + self.headroom
+
+    @property
+    def spare(self) -> int:
+        return int(self.gpu.memory_bytes) - self.needed
+
+    @property
+    def fits(self) -> bool:
+        return self.spare >= 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The spec values memory depends on, with the engines' own substitutions applied."""
+
+    engine: str
+    memory: str
+    tokens: int
+    lora_r: int
+    lora_dropout: float
+    targets: tuple[str, ...]
+    optimizer: str
+    checkpointing: bool
+    compute_dtype: str
+    load_in_4bit: bool
+    double_quant: bool
+    devices: int
+    distributed: str
+    gpus: int
+
+    @property
+    def lean(self) -> bool:
+        return self.memory == "lean"
+
+
+def workload(spec: Spec) -> Workload:
+    train, lora = spec.train, spec.lora
+    targets = (
+        PROJECTIONS
+        if lora.target_modules == "all-linear"
+        else tuple(m for m in PROJECTIONS if m in lora.target_modules)
+    )
+    return Workload(
+        engine=train.engine,
+        memory=train.memory,
+        tokens=train.batch_size * spec.data.max_length,
+        lora_r=lora.r,
+        lora_dropout=lora.dropout,
+        targets=targets,
+        optimizer=train.optimizer,
+        checkpointing=train.gradient_checkpointing or train.memory == "lean",
+        compute_dtype=spec.quantization.compute_dtype,
+        load_in_4bit=spec.quantization.load_in_4bit,
+        double_quant=spec.quantization.double_quant,
+        devices=max(spec.runtime.gpus, 1),
+        distributed=spec.runtime.distributed,
+        gpus=spec.runtime.gpus,
+    )
+
+
+def shape_for(spec: Spec) -> ModelShape:
+    """The table's shape for the spec's model; UnknownShape says what to do otherwise."""
+    shape = known_shape(spec.model.id, spec.model.path)
+    if shape is None:
+        what = f"model.id {spec.model.id!r}" if spec.model.id else f"model.path {spec.model.path!r}"
+        raise UnknownShape(
+            f"the shape of {what} is not known here (no hub access). "
+            "Use a local model directory with a config.json (model.path), or add the model "
+            "to compiler/data/shapes.toml with its source"
+        )
+    return shape
+
+
+def estimate(spec: Spec, shape: ModelShape | None = None, gpu: Gpu | None = None) -> MemoryEstimate:
+    """Predicted peak reserved memory of one training process for `spec`.
+
+    `shape` defaults to the table's entry for the spec's model (UnknownShape if none). `gpu`
+    matters only where the engine picks its path from free memory (the fast engine's
+    "standard" setting)."""
+    from qlc.compiler import memory_terms as terms
+
+    shape = shape or shape_for(spec)
+    work = workload(spec)
+    result: MemoryEstimate
+    if work.engine == "reference":
+        result = terms.reference(work, shape)
+    elif work.lean:
+        result = terms.fast_lean(work, shape)
+    else:
+        result = terms.fast_standard(work, shape, gpu)
+    return result
+
+
+def estimate_for_plan(
+    plan_or_spec: Plan | Spec | Mapping[str, Any],
+    shape: ModelShape | None = None,
+    gpu: Gpu | None = None,
+) -> MemoryEstimate:
+    """`estimate` for a compiled Plan, a Spec, or an effective spec mapping (plan.json's "spec")."""
+    if isinstance(plan_or_spec, Spec):
+        spec = plan_or_spec
+    else:
+        effective = plan_or_spec.spec if isinstance(plan_or_spec, Plan) else plan_or_spec
+        spec = Spec.model_validate_json(json.dumps(dict(effective)))
+    return estimate(spec, shape, gpu)
+
+
+def check_fit(result: MemoryEstimate, gpu: Gpu) -> Fit:
+    """Whether the predicted peak, the CUDA context and a headroom fit the card."""
+    return Fit(
+        gpu=gpu,
+        peak_reserved=result.total_bytes,
+        context=CUDA_CONTEXT_BYTES,
+        headroom=math.ceil(gpu.memory_bytes * FIT_HEADROOM),
+        outside_pool=result.outside_pool_bytes,
+    )

@@ -1,0 +1,183 @@
+"""Model shapes and GPU sizes for the preflight memory estimate, as typed, frozen data.
+
+The known shapes and GPUs are package data (compiler/data/shapes.toml) read with
+importlib.resources, so the estimate stays pure. A local model directory's config.json is
+read by the CLI and handed in as a mapping (`shape_from_config`); nothing here touches files
+outside the package, the network or the environment.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+GIB = 2**30
+MIB = 2**20
+MODELLED_TYPES = ("llama", "mistral", "qwen2")  # the decoders both engines train
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class UnknownShape(ValueError):
+    """The model's shape is not known: the estimate would be a guess, so there is none."""
+
+
+class UnknownGpu(ValueError):
+    """A GPU name that is not in the table."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs to know about a Llama-family decoder."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    source: str
+    head_dim: int | None = None
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def projection(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of one projection of a decoder layer."""
+        q, kv, h, i = (
+            self.heads * self.head_size,
+            self.kv_heads * self.head_size,
+            self.hidden,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[name]
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of every decoder layer's projections (what 4-bit quantization packs)."""
+        per_layer = sum(a * b for a, b in (self.projection(p) for p in PROJECTIONS))
+        return per_layer * self.layers
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings plus the lm_head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int
+    source: str
+
+
+def _shape(row: Mapping[str, Any]) -> ModelShape:
+    return ModelShape(
+        name=str(row["name"]),
+        hidden=int(row["hidden"]),
+        intermediate=int(row["intermediate"]),
+        layers=int(row["layers"]),
+        heads=int(row["heads"]),
+        kv_heads=int(row["kv_heads"]),
+        vocab=int(row["vocab"]),
+        tied_embeddings=bool(row["tied_embeddings"]),
+        source=str(row["source"]),
+        head_dim=int(row["head_dim"]) if "head_dim" in row else None,
+    )
+
+
+@cache
+def _table() -> dict[str, Any]:
+    text = resources.files("qlc.compiler").joinpath("data/shapes.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def known_shape(model_id: str | None = None, model_path: str | None = None) -> ModelShape | None:
+    """The table's shape for a hub id (case-insensitive) or a spec's model.path, if listed."""
+    for row in _table()["model"]:
+        ids = {str(i).lower() for i in row["ids"]}
+        if model_id is not None and model_id.lower() in ids:
+            return _shape(row)
+        if model_path is not None and model_path.rstrip("/") in row["paths"]:
+            return _shape(row)
+    return None
+
+
+def known_model_names() -> list[str]:
+    return [str(row["name"]) for row in _table()["model"]]
+
+
+def shape_from_config(config: Mapping[str, Any], source: str) -> ModelShape:
+    """A shape from a transformers config.json (already parsed); UnknownShape if it is not one
+    of the decoders the estimate models."""
+    model_type = config.get("model_type")
+    if model_type not in MODELLED_TYPES:
+        raise UnknownShape(
+            f"{source}: model_type {model_type!r} is not modelled "
+            f"(the estimate knows {', '.join(MODELLED_TYPES)})"
+        )
+    needed = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    )
+    missing = [key for key in needed if not isinstance(config.get(key), int)]
+    if missing:
+        raise UnknownShape(f"{source}: config.json lacks integer {', '.join(missing)}")
+    heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+    kv_heads = config.get("num_key_value_heads")
+    head_dim = config.get("head_dim")
+    return ModelShape(
+        name=str(config.get("_name_or_path") or source),
+        hidden=hidden,
+        intermediate=int(config["intermediate_size"]),
+        layers=int(config["num_hidden_layers"]),
+        heads=heads,
+        kv_heads=int(kv_heads) if isinstance(kv_heads, int) else heads,
+        vocab=int(config["vocab_size"]),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        source=source,
+        head_dim=head_dim if isinstance(head_dim, int) and head_dim * heads != hidden else None,
+    )
+
+
+def _gpu_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _table()["gpu"]
+    return rows
+
+
+def known_gpus() -> list[str]:
+    return [str(row["name"]) for row in _gpu_rows()]
+
+
+def find_gpu(name: str) -> Gpu:
+    """A GPU by name or accepted spelling, case-insensitive; UnknownGpu lists the known ones."""
+    wanted = " ".join(name.lower().replace("_", " ").split())
+    for row in _gpu_rows():
+        spellings = [str(row["name"]), *(str(n) for n in row["names"])]
+        if wanted in {" ".join(s.lower().replace("_", " ").split()) for s in spellings}:
+            return Gpu(str(row["name"]), int(row["memory_mib"]) * MIB, str(row["source"]))
+    raise UnknownGpu(
+        f"unknown GPU {name!r}: use one of {', '.join(known_gpus())} "
+        "(names are matched case-insensitively)"
+    )
