@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qlc.compiler.plan import Plan
@@ -135,6 +135,8 @@ class Workload:
     devices: int
     distributed: str
     gpus: int
+    upcast: bool = True  # peft's prepare_model_for_kbit_training: non-4-bit weights in float32
+    lora_bytes: int = 4  # LoRA weights' dtype size (train.py keeps peft's float32)
 
     @property
     def lean(self) -> bool:
@@ -211,6 +213,19 @@ def estimate_for_plan(
         effective = plan_or_spec.spec if isinstance(plan_or_spec, Plan) else plan_or_spec
         spec = Spec.model_validate_json(json.dumps(dict(effective)))
     return estimate(spec, shape, gpu)
+
+
+def estimate_seed_recipe(spec: Spec, shape: ModelShape | None = None) -> MemoryEstimate:
+    """The seed recipe as written (bench/seed_recipe.py), which no spec setting expresses: the
+    reference trainer without prepare_model_for_kbit_training, so the embeddings, lm_head and
+    residual stream stay in the load dtype, and with trl's bf16 cast of the LoRA weights."""
+    from qlc.compiler import memory_terms as terms
+
+    work = replace(
+        workload(spec), engine="reference", memory="standard", upcast=False, lora_bytes=2
+    )
+    result: MemoryEstimate = terms.reference(work, shape or shape_for(spec))
+    return result
 
 
 def check_fit(result: MemoryEstimate, gpu: Gpu) -> Fit:

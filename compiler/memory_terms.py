@@ -61,11 +61,12 @@ def reference(w: Workload, s: ModelShape) -> MemoryEstimate:
         "plus the hidden states it keeps and their float32 gradient",
     )
     working = _working_set(w, s, act, dequant_bytes=0)
-    notes = ["reference engine: trl SFTTrainer, padded batches, float32 residual stream"]
+    stream = "float32" if act == FP32 else "load-dtype"
+    notes = [f"trl SFTTrainer, padded batches, {stream} residual stream"]
     if w.devices > 1 and w.distributed == "fsdp":
         notes.append("FSDP sharding is not modelled: this is one unsharded replica")
     return _assemble(
-        "reference engine" + (", lean (8-bit optimizer states)" if w.lean else ""),
+        _reference_name(w),
         w,
         s,
         persistent,
@@ -75,6 +76,12 @@ def reference(w: Workload, s: ModelShape) -> MemoryEstimate:
         "reference",
         tuple(notes),
     )
+
+
+def _reference_name(w: Workload) -> str:
+    if not w.upcast:
+        return "seed recipe as written (no prepare_model_for_kbit_training)"
+    return "reference engine" + (", lean (8-bit optimizer states)" if w.lean else "")
 
 
 def fast_standard(w: Workload, s: ModelShape, gpu: Gpu | None) -> MemoryEstimate:
@@ -262,7 +269,7 @@ def _compute_bytes(w: Workload) -> int:
 
 def _stored_dtype_bytes(w: Workload) -> int:
     """Non-4-bit weights: float32 after prepare_model_for_kbit_training, else the load dtype."""
-    return FP32 if w.load_in_4bit else DTYPE_BYTES[w.compute_dtype]
+    return FP32 if w.load_in_4bit and w.upcast else DTYPE_BYTES[w.compute_dtype]
 
 
 def _residual_bytes(w: Workload) -> int:
@@ -288,11 +295,8 @@ def _base_weights(w: Workload, s: ModelShape) -> list[Term]:
 
 def _stored_embeddings(w: Workload, s: ModelShape) -> Term:
     size = _stored_dtype_bytes(w)
-    why = (
-        "float32 (prepare_model_for_kbit_training upcasts them)"
-        if w.load_in_4bit
-        else w.compute_dtype
-    )
+    upcast = w.load_in_4bit and w.upcast
+    why = "float32 (prepare_model_for_kbit_training upcasts them)" if upcast else w.compute_dtype
     return Term(
         "base.embeddings_head_norms",
         (s.embedding_params + s.norm_params) * size,
@@ -316,10 +320,11 @@ def _lora_numel(w: Workload, s: ModelShape) -> int:
 def _lora_terms(w: Workload, s: ModelShape, copy_bytes: int | None) -> list[Term]:
     """float32 LoRA weights and gradients; the fast engine also keeps compute-dtype copies,
     whose gradients are the ones alive during the backward."""
-    n = _lora_numel(w, s)
-    terms = [Term("lora.weights", n * FP32, f"{n:,} LoRA weights in float32")]
-    if copy_bytes is None or copy_bytes == FP32:
-        terms.append(Term("lora.gradients", n * FP32, "float32 gradients"))
+    n, size = _lora_numel(w, s), int(w.lora_bytes)
+    dtype = "float32" if size == FP32 else "bf16 (trl's cast)"
+    terms = [Term("lora.weights", n * size, f"{n:,} LoRA weights in {dtype}")]
+    if copy_bytes is None or copy_bytes == size:
+        terms.append(Term("lora.gradients", n * size, f"{dtype} gradients"))
         return terms
     terms.append(
         Term("lora.compute_copies", n * copy_bytes, "compute-dtype copies used by the forward")
@@ -417,4 +422,5 @@ def _reference_layer_bytes(w: Workload, s: ModelShape, r: int) -> int:
     attention output made contiguous for o_proj."""
     h, i, q = s.hidden, s.intermediate, s.heads * s.head_size
     shared = {"attn_norm": h * r, "attn_out": q * r, "mlp_norm": h * r, "mlp_product": i * r}
-    return int(2 * h * r + _attention_saved(s, r) + 3 * i * r + _lora_saved(w, s, FP32, shared))
+    lora = _lora_saved(w, s, int(w.lora_bytes), shared)  # peft casts inputs to the LoRA dtype
+    return int(2 * h * r + _attention_saved(s, r) + 3 * i * r + lora)
