@@ -41,3 +41,12 @@ def tiny_image(docker_ready: str, tmp_path_factory: pytest.TempPathFactory) -> o
     project = tmp_path_factory.mktemp("tiny-image")
     spec = copy_tiny_project(project)
     return build(spec, docker_ready, project_dir=project)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real tiny training run in this Python (tiny_runs.train_tiny_run), trained once and
+    read by the generate and merge tests; a test that breaks a run copies it first."""
+    from tiny_runs import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-run"))

@@ -1,18 +1,15 @@
 """qlc generate: a real tiny run, its adapter changes the answer, untrusted inputs are refused.
 
-One run per module: the tiny spec with a high learning rate for a few steps, so the adapter
-visibly moves the model. The training script is compiled and run as `qlc compile` + `python
-train.py` would (CPU, 4-bit through bitsandbytes).
+One tiny run per session, shared read-only with test_merge (conftest's trained_tiny_run,
+tiny_runs.py): the tiny spec with a high learning rate for a few steps, so the adapter
+visibly moves the model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,71 +17,11 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from qlc import cli
-from qlc.compiler.context import compile_spec
+from tiny_runs import REPO, TINY, TRAIN, call_cli, tiny_spec
+
 from qlc.runtime.generate import encode, render_prompt, training_script
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "specs" / "tiny"
 PROMPT = "<s>[INST] What is the capital of France? [/INST]"
-
-
-def tiny_spec(train_overrides: str) -> bytes:
-    """specs/tiny.toml with its [train] section replaced (the lock does not depend on it)."""
-    source = (REPO / "specs" / "tiny.toml").read_text(encoding="utf-8")
-    head, _, rest = source.partition("[train]")
-    tail = rest[rest.index("\n[") :] if "\n[" in rest else ""
-    return (head + "[train]\n" + train_overrides + tail).encode()
-
-
-TRAIN = (
-    'max_steps = 6\nbatch_size = 4\nlearning_rate = 5e-2\nlr_scheduler = "constant"\n'
-    'optimizer = "adamw_torch"\nlogging_steps = 1\n'
-)
-
-
-def train_tiny_run(directory: Path) -> Path:
-    """Compile and run the training script; the run directory, with its plan beside it."""
-    lock = (REPO / "specs" / "tiny.lock").read_bytes()
-    context = compile_spec(tiny_spec(TRAIN), "specs/tiny.toml", lock)
-    ctx, run = directory / "context", directory / "run"
-    ctx.mkdir(parents=True)
-    for name, data in context.files.items():
-        (ctx / name).write_bytes(data)
-    env = {
-        **os.environ,
-        "QLC_OUTPUT_DIR": str(run),
-        "QLC_MODEL_PATH": str(TINY / "model"),
-        "QLC_DATA_PATH": str(TINY / "data.jsonl"),
-    }
-    done = subprocess.run(
-        [sys.executable, str(ctx / "train.py")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    if not (run / "plan.json").exists():  # until train.py keeps its plan in the run dir
-        shutil.copy(ctx / "plan.json", run / "plan.json")
-    return run
-
-
-def call_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `qlc ARGS` in this process through the real entry point (exit-code mapping)."""
-    capsys.readouterr()
-    saved = sys.argv
-    sys.argv = ["qlc", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = saved
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("generate"))
 
 
 def copy_run(run_dir: Path, target: Path) -> Path:
@@ -93,8 +30,10 @@ def copy_run(run_dir: Path, target: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_adapter_changes_the_answer(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "12"]
+def test_adapter_changes_the_answer(
+    trained_tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", str(trained_tiny_run), "--prompt", PROMPT, "--max-new-tokens", "12"]
     code, tuned, err = call_cli(args, capsys)
     assert code == 0, err
     code, base, err = call_cli([*args, "--no-adapter"], capsys)
@@ -104,8 +43,8 @@ def test_adapter_changes_the_answer(run_dir: Path, capsys: pytest.CaptureFixture
 
 
 @pytest.mark.slow
-def test_sampling_is_seeded(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = str(run_dir / "manifest.json")  # the manifest names the run as well
+def test_sampling_is_seeded(trained_tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = str(trained_tiny_run / "manifest.json")  # the manifest names the run as well
     args = ["generate", manifest, "--prompt", PROMPT, "--max-new-tokens", "12"]
     sampled = [*args, "--temperature", "1.5"]
     first = call_cli([*sampled, "--seed", "1"], capsys)
@@ -118,22 +57,22 @@ def test_sampling_is_seeded(run_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.slow
 def test_prompts_file_answers_each(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps(PROMPT) + "\n" + json.dumps({"prompt": "Hello"}) + "\n")
-    args = ["generate", str(run_dir), "--prompts", str(prompts), "--max-new-tokens", "4"]
+    args = ["generate", str(trained_tiny_run), "--prompts", str(prompts), "--max-new-tokens", "4"]
     code, printed, err = call_cli(args, capsys)
     assert code == 0, err
     assert re.findall(r"^--- prompt (\d):", printed, re.M) == ["1", "2"]
 
 
 @pytest.mark.slow
-def test_prompt_tokens_follow_training(run_dir: Path) -> None:
+def test_prompt_tokens_follow_training(trained_tiny_run: Path) -> None:
     from transformers import AutoTokenizer
 
-    plan = json.loads((run_dir / "plan.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
+    plan = json.loads((trained_tiny_run / "plan.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(trained_tiny_run / "adapter"))
     script = training_script(plan)
     ids = encode(render_prompt(script, plan["spec"], PROMPT, tokenizer), tokenizer)["input_ids"]
     assert ids[0].tolist().count(tokenizer.bos_token_id) == 1  # the text's <s>, not doubled
@@ -154,9 +93,9 @@ def test_prompt_tokens_follow_training(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_run_without_adapter_is_refused(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    broken = copy_run(run_dir, tmp_path / "run")
+    broken = copy_run(trained_tiny_run, tmp_path / "run")
     shutil.rmtree(broken / "adapter")
     code, _, err = call_cli(["generate", str(broken), "--prompt", PROMPT], capsys)
     assert code == 2
@@ -165,9 +104,9 @@ def test_run_without_adapter_is_refused(
 
 @pytest.mark.slow
 def test_changed_adapter_is_refused(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    broken = copy_run(run_dir, tmp_path / "run")
+    broken = copy_run(trained_tiny_run, tmp_path / "run")
     weights = broken / "adapter" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
@@ -179,9 +118,9 @@ def test_changed_adapter_is_refused(
 
 @pytest.mark.slow
 def test_unfinished_run_is_refused(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    broken = copy_run(run_dir, tmp_path / "run")
+    broken = copy_run(trained_tiny_run, tmp_path / "run")
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["predicate"]["status"] = "interrupted"
     (broken / "manifest.json").write_text(json.dumps(manifest))
@@ -192,9 +131,9 @@ def test_unfinished_run_is_refused(
 
 @pytest.mark.slow
 def test_missing_or_different_base_model_is_refused(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["generate", str(run_dir), "--prompt", PROMPT]
+    args = ["generate", str(trained_tiny_run), "--prompt", PROMPT]
     code, _, err = call_cli([*args, "--model", str(tmp_path / "nowhere")], capsys)
     assert code == 2
     assert "nowhere is missing" in err
@@ -217,7 +156,7 @@ def test_missing_or_different_base_model_is_refused(
 
 @pytest.mark.slow
 def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As `qlc run` leaves it: the model was mounted at /inputs/model, the run directory has
     no plan.json, and the runtime recorded the spec's path on the host."""
@@ -228,7 +167,7 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
     (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN))
     shutil.copy(REPO / "specs" / "tiny.lock", project / "specs" / "tiny.lock")
     shutil.copytree(TINY / "model", project / "specs" / "tiny" / "model")
-    moved = copy_run(run_dir, tmp_path / "run")
+    moved = copy_run(trained_tiny_run, tmp_path / "run")
     (moved / "plan.json").unlink()
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["predicate"]["inputs"]["model"]["path"] = "/inputs/model"
@@ -238,7 +177,7 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
 
     opened = open_run(moved)
     assert opened.base.source == str((project / "specs" / "tiny" / "model").resolve())
-    assert opened.plan == json.loads((run_dir / "plan.json").read_text())
+    assert opened.plan == json.loads((trained_tiny_run / "plan.json").read_text())
 
     (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN + "weight_decay = 0.5\n"))
     with pytest.raises(RunInputError, match="no plan with the manifest's plan_sha256"):
@@ -247,7 +186,7 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
 
 @pytest.mark.slow
 def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The order train.py is asked to use: card first, then its own finish_manifest hashes
     adapter/ (card included), then the manifest is written."""
@@ -255,7 +194,7 @@ def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
 
     from qlc.templates.model_card import write_model_card
 
-    run = copy_run(run_dir, tmp_path / "run")
+    run = copy_run(trained_tiny_run, tmp_path / "run")
     plan = json.loads((run / "plan.json").read_text())
     manifest = json.loads((run / "manifest.json").read_text())
     script = training_script(plan)
@@ -277,16 +216,16 @@ def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
 
 
 @pytest.mark.slow
-def test_the_trained_run_carries_its_model_card(run_dir: Path) -> None:
+def test_the_trained_run_carries_its_model_card(trained_tiny_run: Path) -> None:
     import hashlib
 
     import yaml
 
-    card = run_dir / "adapter" / "README.md"
+    card = trained_tiny_run / "adapter" / "README.md"
     text = card.read_text(encoding="utf-8")
     header = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
-    plan = json.loads((run_dir / "plan.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    plan = json.loads((trained_tiny_run / "plan.json").read_text())
+    manifest = json.loads((trained_tiny_run / "manifest.json").read_text())
     subjects = {s["name"]: s["digest"]["sha256"] for s in manifest["subject"]}
     assert header["base_model"] == plan["spec"]["model"]["path"]
     assert header["library_name"] == "peft" and "qlc" in header["tags"]

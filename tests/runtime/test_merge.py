@@ -1,7 +1,8 @@
 """qlc merge: a plain-transformers model whose logits match base + adapter, or nothing at all.
 
-One tiny run per module (high learning rate, a few steps: the adapter moves the logits far more
-than the merge tolerance). The test recomputes base + adapter itself with peft and compares it
+One tiny run per session, shared read-only with test_generate (conftest's trained_tiny_run:
+high learning rate, a few steps, so the adapter moves the logits far more than the merge
+tolerance). The test recomputes base + adapter itself with peft and compares it
 with the merged model loaded without peft, under the tolerance merge.json states.
 """
 
@@ -9,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,66 +19,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from qlc import cli  # noqa: E402
-from qlc.compiler.context import compile_spec  # noqa: E402
+from tiny_runs import TINY, call_cli  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "specs" / "tiny"
 PROMPTS = ("<s>[INST] Name three rivers. [/INST]", "<s>[INST] Hello [/INST] Hi there")
-
-
-def tiny_spec(train_overrides: str) -> bytes:
-    """specs/tiny.toml with its [train] section replaced (the lock does not depend on it)."""
-    source = (REPO / "specs" / "tiny.toml").read_text(encoding="utf-8")
-    head, _, rest = source.partition("[train]")
-    tail = rest[rest.index("\n[") :] if "\n[" in rest else ""
-    return (head + "[train]\n" + train_overrides + tail).encode()
-
-
-def train_tiny_run(directory: Path) -> Path:
-    """Compile and run the training script; the run directory, with its plan beside it."""
-    train = 'max_steps = 6\nbatch_size = 4\nlearning_rate = 5e-2\nlr_scheduler = "constant"\n'
-    train += 'optimizer = "adamw_torch"\nlogging_steps = 1\n'
-    lock = (REPO / "specs" / "tiny.lock").read_bytes()
-    context = compile_spec(tiny_spec(train), "specs/tiny.toml", lock)
-    ctx, run = directory / "context", directory / "run"
-    ctx.mkdir(parents=True)
-    for name, data in context.files.items():
-        (ctx / name).write_bytes(data)
-    env = {
-        **os.environ,
-        "QLC_OUTPUT_DIR": str(run),
-        "QLC_MODEL_PATH": str(TINY / "model"),
-        "QLC_DATA_PATH": str(TINY / "data.jsonl"),
-    }
-    done = subprocess.run(
-        [sys.executable, str(ctx / "train.py")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    if not (run / "plan.json").exists():  # until train.py keeps its plan in the run dir
-        shutil.copy(ctx / "plan.json", run / "plan.json")
-    return run
-
-
-def call_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `qlc ARGS` in this process through the real entry point (exit-code mapping)."""
-    capsys.readouterr()
-    saved = sys.argv
-    sys.argv = ["qlc", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = saved
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("merge"))
 
 
 def sha256(path: Path) -> str:
@@ -99,20 +40,20 @@ def float32_logits(model: object, tokenizer: object) -> list[torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_merged_model_loads_without_peft_and_matches(
-    run_dir: Path, tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged_dir = tmp_path / "merged"
     code, printed, err = call_cli(
-        ["merge", str(run_dir), "-o", str(merged_dir), "--dtype", dtype], capsys
+        ["merge", str(trained_tiny_run), "-o", str(merged_dir), "--dtype", dtype], capsys
     )
     assert code == 0, err
     assert "merge.json" in printed
     record = json.loads((merged_dir / "merge.json").read_text())
     assert record["dtype"] == dtype
-    assert record["source_manifest_sha256"] == sha256(run_dir / "manifest.json")
+    assert record["source_manifest_sha256"] == sha256(trained_tiny_run / "manifest.json")
     on_disk = {p.name: sha256(p) for p in merged_dir.iterdir() if p.name != "merge.json"}
     assert record["files"] == on_disk
     assert any(name.endswith(".safetensors") for name in on_disk)
@@ -123,7 +64,7 @@ def test_merged_model_loads_without_peft_and_matches(
     assert not hasattr(merged, "peft_config")  # a plain transformers model
     assert merged.dtype == weights
     base = AutoModelForCausalLM.from_pretrained(TINY / "model", dtype=weights).float()
-    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    tuned = PeftModel.from_pretrained(base, str(trained_tiny_run / "adapter")).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
 
     reference = float32_logits(tuned, tokenizer)
@@ -144,7 +85,7 @@ def left_behind(parent: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_wrong_merge_fails_verification_and_writes_nothing(
-    run_dir: Path,
+    trained_tiny_run: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -154,7 +95,7 @@ def test_a_wrong_merge_fails_verification_and_writes_nothing(
     monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **kw: self.unload())
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = call_cli(["merge", str(run_dir), "-o", str(out / "merged")], capsys)
+    code, _, err = call_cli(["merge", str(trained_tiny_run), "-o", str(out / "merged")], capsys)
     assert code == 1
     assert "merged logits differ from base + adapter" in err and "nothing was written" in err
     assert left_behind(out) == []
@@ -162,14 +103,14 @@ def test_a_wrong_merge_fails_verification_and_writes_nothing(
 
 @pytest.mark.slow
 def test_bad_inputs_are_refused_and_write_nothing(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
     target = str(out / "merged")
 
     broken = tmp_path / "run"
-    shutil.copytree(run_dir, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(trained_tiny_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
     config = broken / "adapter" / "adapter_config.json"
     config.write_text(config.read_text().replace('"r": 8', '"r": 4'))
     code, _, err = call_cli(["merge", str(broken), "-o", target], capsys)
@@ -178,23 +119,29 @@ def test_bad_inputs_are_refused_and_write_nothing(
     model = tmp_path / "model"
     shutil.copytree(TINY / "model", model)
     (model / "model.safetensors").write_bytes(b"")
-    code, _, err = call_cli(["merge", str(run_dir), "-o", target, "--model", str(model)], capsys)
+    code, _, err = call_cli(
+        ["merge", str(trained_tiny_run), "-o", target, "--model", str(model)], capsys
+    )
     assert code == 2 and "model.safetensors differs" in err
 
     shutil.rmtree(model)
-    code, _, err = call_cli(["merge", str(run_dir), "-o", target, "--model", str(model)], capsys)
+    code, _, err = call_cli(
+        ["merge", str(trained_tiny_run), "-o", target, "--model", str(model)], capsys
+    )
     assert code == 2 and "is missing" in err
 
     shutil.rmtree(broken / "adapter")
     code, _, err = call_cli(["merge", str(broken), "-o", target], capsys)
     assert code == 2 and "no adapter here" in err
 
-    code, _, err = call_cli(["merge", str(run_dir), "-o", target, "--dtype", "fp32"], capsys)
+    code, _, err = call_cli(
+        ["merge", str(trained_tiny_run), "-o", target, "--dtype", "fp32"], capsys
+    )
     assert code == 2 and "--dtype must be one of bf16, fp16" in err
     assert left_behind(out) == []
 
     (out / "merged").mkdir()
     (out / "merged" / "keep.txt").write_text("mine")
-    code, _, err = call_cli(["merge", str(run_dir), "-o", target], capsys)
+    code, _, err = call_cli(["merge", str(trained_tiny_run), "-o", target], capsys)
     assert code == 2 and "is not empty" in err
     assert left_behind(out / "merged") == ["keep.txt"]
