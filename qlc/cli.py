@@ -131,7 +131,7 @@ def explain_command(
     try:
         card = find_gpu(gpu) if gpu is not None else None
     except UnknownGpu as error:
-        raise UserError(f"--gpu: {error}") from None
+        raise UserError(f"error: --gpu: {error}") from None
     rows = explain(loaded) + derived(loaded)
     try:
         memory = estimate(loaded, local_model_shape(spec, loaded), card)
