@@ -139,4 +139,7 @@ def memory_json(result: MemoryEstimate, fit: Fit | None) -> dict[str, Any]:
 
 
 def _gib(size: int) -> str:
+    """GiB with two decimals; MiB below 0.1 GiB, so a tiny model's terms do not read 0.00."""
+    if abs(size) < GIB // 10:
+        return f"{size / 2**20:.1f} MiB"
     return f"{size / GIB:.2f} GiB"

@@ -37,6 +37,7 @@ from qlc.compiler.memory import (
 from qlc.compiler.shapes import PROJECTIONS, Gpu, ModelShape
 
 FP32 = 4
+ROOMY_NOTE = "path assumes a card with room for it; name --gpu to see the engine's choice"
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -115,11 +116,9 @@ def fast_standard(w: Workload, s: ModelShape, gpu: Gpu | None) -> MemoryEstimate
     path = ("dequantized base" if dequantize else "4-bit base") + (
         ", recompute per layer" if recompute else ", no recomputation"
     )
-    notes = (
-        ()
-        if gpu
-        else ("path assumes a card with room for it; name --gpu to see the engine's choice",)
-    )
+    notes: tuple[str, ...] = () if gpu else (ROOMY_NOTE,)
+    if w.devices > 1:
+        notes += ("the fast engine trains in one process: runtime.gpus > 1 needs the reference",)
     return _assemble(
         f"fast engine, standard memory ({path})",
         w,
