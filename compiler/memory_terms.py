@@ -90,21 +90,7 @@ def fast_standard(w: Workload, s: ModelShape, gpu: Gpu | None) -> MemoryEstimate
     and no recomputation when the card has room for both (fast_engine._memory_plan)."""
     c = _compute_bytes(w)
     dequantize, recompute = fast_standard_path(w, s, gpu)
-    persistent = [
-        *_base_weights(w, s),
-        _stored_embeddings(w, s),
-        Term(
-            "fast.embeddings_head_copies",
-            (s.embedding_params + s.norm_params) * c,
-            "compute-dtype copies of the embeddings, lm_head and norms",
-        ),
-        *_lora_terms(w, s, copy_bytes=c),
-        *_optimizer_terms(_fast_optimizer(w), _lora_tensors(w, s)),
-    ]
-    if dequantize:
-        persistent.append(
-            Term("fast.dequantized_base", s.linear_params * c, "the dequantized base weights, kept")
-        )
+    persistent = _fast_standard_persistent(w, s, c, dequantize)
     layer = _fast_layer_bytes(w, s, c)
     loss = Term(
         "loss.full_logits",
@@ -130,6 +116,25 @@ def fast_standard(w: Workload, s: ModelShape, gpu: Gpu | None) -> MemoryEstimate
         "fast",
         notes,
     )
+
+
+def _fast_standard_persistent(w: Workload, s: ModelShape, c: int, dequantize: bool) -> list[Term]:
+    persistent = [
+        *_base_weights(w, s),
+        _stored_embeddings(w, s),
+        Term(
+            "fast.embeddings_head_copies",
+            (s.embedding_params + s.norm_params) * c,
+            "compute-dtype copies of the embeddings, lm_head and norms",
+        ),
+        *_lora_terms(w, s, copy_bytes=c),
+        *_optimizer_terms(_fast_optimizer(w), _lora_tensors(w, s)),
+    ]
+    if dequantize:
+        persistent.append(
+            Term("fast.dequantized_base", s.linear_params * c, "the dequantized base weights, kept")
+        )
+    return persistent
 
 
 def fast_standard_path(w: Workload, s: ModelShape, gpu: Gpu | None) -> tuple[bool, bool]:
