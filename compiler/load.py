@@ -37,6 +37,11 @@ EXPECTED = {
     "none_required": "absent",
 }
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+PYDANTIC_TAG = re.compile(  # validator/union tags pydantic puts into an error's location
+    r"(function-(after|before|wrap|plain)|tagged-union|union|literal|list|dict|tuple|set"
+    r"|nullable|lax-or-strict|json-or-python|chain|is-instance|constrained-[a-z]+)\[.*\]",
+    re.S,
+)
 PATTERNS = {
     HUB_ID: 'a hub id like "org/name"',
     ENV_NAME: "an environment variable name (A-Z, 0-9 and _, not starting with a digit)",
@@ -148,8 +153,11 @@ def _parse(text: str, filename: str) -> dict[str, Any]:
 
 
 def _clean_loc(loc: tuple[int | str, ...]) -> KeyPath:
-    """Drop pydantic's internal parts ('[key]', union tags) and stringify list indexes."""
-    return tuple(str(part) for part in loc if part != "[key]" and "[" not in str(part))
+    """Drop pydantic's internal parts ('[key]', tags such as 'function-after[...]') and
+    stringify list indexes; a user's key that merely contains '[' stays."""
+    return tuple(
+        str(part) for part in loc if part != "[key]" and not PYDANTIC_TAG.fullmatch(str(part))
+    )
 
 
 def _key_text(loc: KeyPath) -> str:
@@ -193,7 +201,7 @@ def _model_at(loc: KeyPath) -> type[BaseModel] | None:
 
 
 def _unknown_key(loc: KeyPath) -> str:
-    model = _model_at(loc[:-1])
+    model = _model_at(loc[:-1]) if loc else None
     if model is None:
         return "unknown key"
     known = sorted(model.model_fields)

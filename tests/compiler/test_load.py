@@ -48,6 +48,16 @@ def test_unknown_key_names_line_and_suggestion() -> None:
     assert ':18:1: train.lr_schedular: unknown key; did you mean "lr_scheduler"?' in message
 
 
+@pytest.mark.parametrize("key", ["[", "a[b]", "]["])
+def test_unknown_key_with_brackets_is_named(key: str) -> None:
+    # Found by the fuzz test: a key with '[' was taken for a pydantic tag and dropped, and
+    # naming the unknown key then raised IndexError.
+    source = f'"{key}" = 1\n'.encode() + (ROOT / "specs" / "guanaco.toml").read_bytes()
+    with pytest.raises(SpecError) as caught:
+        load_spec(source, "bracket.toml")
+    assert f'bracket.toml:1:1: "{key}": unknown key' in str(caught.value)
+
+
 def test_several_problems_reported_at_once() -> None:
     lines = (ERRORS / "several-at-once" / "expected.txt").read_text().splitlines()
     assert [line.split(": ")[1] for line in lines] == [
