@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from qlc.runtime.docker_engine import (
     DaemonUnreachable,
     DockerEngine,
     Mount,
+    PullError,
     _follow_build,
     context_tar,
     device_requests,
@@ -156,3 +158,17 @@ def test_container_lifecycle_exit_code_and_logs(docker_ready: str) -> None:
         engine.remove(container)
     assert lines == ["10001", "two"]
     assert code == 3 and state.exit_code == 3 and not state.oom_killed
+
+
+@pytest.mark.docker
+def test_pull_from_an_unreachable_registry_is_a_pull_error(docker_ready: str) -> None:
+    """Nothing listens on the port: the daemon's refusal comes back as a PullError naming
+    the reference, never an SDK traceback."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reference = f"127.0.0.1:{port}/qlc/absent@sha256:{'0' * 64}"
+    with pytest.raises(PullError, match=rf"^cannot pull {re.escape(reference)}: "):
+        DockerEngine().pull(reference)
