@@ -194,6 +194,9 @@ class DockerEngine:
                     detail = event.get("errorDetail", {}).get("message") or event["error"]
                     raise PullError(f"cannot pull {reference}: {_short(Exception(detail))}")
             data = self._api.inspect_image(reference)
+        except self._errors.APIError as error:  # the daemon's words, without the SDK's URL
+            cause = error.explanation or str(error)
+            raise PullError(f"cannot pull {reference}: {_short(Exception(cause))}") from None
         except self._errors.DockerException as error:
             raise PullError(f"cannot pull {reference}: {_short(error)}") from None
         except OSError as error:  # the connection to the daemon broke mid-stream

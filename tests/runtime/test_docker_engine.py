@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from registry_fixture import local_registry  # noqa: F401  (pytest fixture)
 
 from qlc.runtime.docker_engine import (
     BuildError,
@@ -171,4 +172,14 @@ def test_pull_from_an_unreachable_registry_is_a_pull_error(docker_ready: str) ->
         port = probe.getsockname()[1]
     reference = f"127.0.0.1:{port}/qlc/absent@sha256:{'0' * 64}"
     with pytest.raises(PullError, match=rf"^cannot pull {re.escape(reference)}: "):
+        DockerEngine().pull(reference)
+
+
+@pytest.mark.docker
+def test_pull_of_a_digest_the_registry_lacks_is_a_pull_error(
+    docker_ready: str,
+    local_registry: str,  # noqa: F811
+) -> None:
+    reference = f"{local_registry}/qlc/absent@sha256:{'0' * 64}"
+    with pytest.raises(PullError, match=rf"^cannot pull {re.escape(reference)}: .*unknown"):
         DockerEngine().pull(reference)
