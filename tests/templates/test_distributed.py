@@ -246,3 +246,24 @@ def test_examples_per_step_match_one_process(
     # one epoch of 56 examples at 8 a step: 7 optimizer steps over the same tokens either way
     assert one["metrics"]["steps"] == two["metrics"]["steps"] == 7
     assert one["metrics"]["tokens_trained"] == two["metrics"]["tokens_trained"] > 0
+
+
+@pytest.mark.parametrize(
+    ("engine", "memory", "use_cpu", "on_host"),
+    [
+        ("fast", "lean", False, True),  # streamed from host memory: loaded there
+        ("fast", "lean", True, False),  # CPU training: loaded on CPU as always
+        ("fast", "standard", False, False),
+        ("reference", "lean", False, False),
+    ],
+)
+def test_only_the_streamed_lean_setting_loads_into_host_memory(
+    script: ModuleType, engine: str, memory: str, use_cpu: bool, on_host: bool
+) -> None:
+    spec = spec_with(script, 1, engine)
+    spec["train"]["memory"] = memory
+    assert script.streams_base(spec, use_cpu) is on_host
+    with script.quantized_on_gpu_kept_on_host(False):  # off: bitsandbytes untouched
+        import bitsandbytes.functional as bnbf
+
+        assert bnbf.quantize_4bit.__module__ == "bitsandbytes.functional"

@@ -189,8 +189,13 @@ def fast_train(model, examples, spec, tmp_path: Path, eval_examples=()):
     return summary, logged
 
 
-@pytest.mark.parametrize("memory", ["standard", "lean"])
-def test_fast_engine_matches_reference_loop(tiny_dir: Path, tmp_path: Path, memory: str) -> None:
+@pytest.mark.parametrize("memory", ["standard", "lean", "lean-streamed"])
+def test_fast_engine_matches_reference_loop(
+    tiny_dir: Path, tmp_path: Path, memory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if memory == "lean-streamed":  # the GPU's weight streaming, run on CPU
+        memory = "lean"
+        monkeypatch.setenv("QLC_FAST_STREAM", "1")
     spec = make_spec(memory=memory)
     examples = make_examples(36, seed=3)
     reference_model = load_peft(tiny_dir, spec)
@@ -260,12 +265,16 @@ def test_schedule_counts_steps_like_the_trainer() -> None:
     assert fast_engine.warmup_steps(250, {"warmup_ratio": 0.03, "warmup_steps": None}) == 8
 
 
-@pytest.mark.parametrize(("memory", "fuse"), [("standard", "1"), ("standard", "0"), ("lean", "1")])
+@pytest.mark.parametrize(
+    ("memory", "fuse", "stream"),
+    [("standard", "1", "0"), ("standard", "0", "0"), ("lean", "1", "0"), ("lean", "1", "1")],
+)
 def test_one_step_loss_and_gradients_match(
-    tiny_dir: Path, memory: str, fuse: str, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, memory: str, fuse: str, stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The sharp check: loss sum and every adapter gradient of one packed batch, before Adam."""
     monkeypatch.setenv("QLC_FAST_FUSE", fuse)
+    monkeypatch.setenv("QLC_FAST_STREAM", stream)
     spec = make_spec(memory=memory)
     spec["lora"]["dropout"] = 0.0
     examples = make_examples(4, seed=11)
@@ -342,3 +351,64 @@ def test_bf16_compute_copies_hand_gradients_back(tiny_dir: Path) -> None:
         got = grads[torch.bfloat16][name]
         assert got.dtype == torch.float32
         assert (got - ref).norm() / ref.norm() < 3e-2, name
+
+
+def test_streamed_lean_fetches_each_layer_per_pass_and_puts_weights_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WeightStream's bookkeeping (on CPU the copies are the host tensors themselves): at most
+    two layers resident, one fetch per layer in the forward and one in the recomputation
+    (the last layer's forward copy is reused), and release() leaves the model as it was."""
+    monkeypatch.setenv("QLC_FAST_STREAM", "1")
+    spec = make_spec(memory="lean")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_peft(tmp_path, spec)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    examples = make_examples(3, seed=4)
+    settings = fast_engine.Settings.choose(model, spec)
+    decoder, path = fast_engine.build_decoder(model, spec, settings, examples)
+    assert decoder is not None and decoder.stream is not None, path
+    assert "streamed" in path
+    layers = len(decoder.layers)
+    seen: list[list[int]] = []
+    get = decoder.stream.get
+    decoder.stream.get = lambda i: (seen.append(sorted(decoder.stream.resident)), get(i))[1]
+    decoder.loss_sum(fast_engine.pack(examples, settings.device)).backward()
+    # forward: layers 0..L-1; recomputation: L-1 and L-2 still there, L-3..0 fetched (and
+    # layer 1, the next forward's second layer, still there beside 0)
+    assert decoder.stream.fetches == layers + (layers - 2)
+    assert max(len(r) for r in seen) <= 2 and len(decoder.stream.resident) <= 2
+    assert all(part.streamed is None for layer in decoder.layers for part in layer.parts)
+    decoder.release()
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), weights[name]), f"{name} changed or moved"
+
+
+def test_streamed_greedy_sample_matches_generate(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QLC_FAST_STREAM", "1")
+    spec = make_spec(memory="lean")
+    model = load_peft(tiny_dir, spec)
+    model.train()  # bitsandbytes' CPU eval mode repacks weights for a bf16 kernel
+    prompt = make_examples(1, seed=8)[0]["input_ids"][:12]
+    settings = fast_engine.Settings.choose(model, spec)
+    decoder, _ = fast_engine.build_decoder(model, spec, settings, make_examples(2, seed=8))
+    decoder.training = False
+    got = decoder.greedy(prompt, 6, stop=None)
+    decoder.release()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        for _ in range(6):  # the model's own forward, greedily (dropout is 0 in this spec)
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert got == ids[0, len(prompt) :].tolist()

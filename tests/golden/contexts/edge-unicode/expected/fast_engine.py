@@ -27,7 +27,12 @@ What it does differently, and why it is the same function:
   logging step late, once the GPU has finished them);
 - "lean" memory: the 4-bit weights stay packed (dequantized per matmul as bitsandbytes does), every
   decoder layer is recomputed in the backward pass, the loss is computed in chunks so the logits
-  never exist in full, and the optimizer keeps 8-bit paged states (bitsandbytes) on CUDA.
+  never exist in full, and the optimizer keeps 8-bit paged states (bitsandbytes) on CUDA. On a
+  GPU the base never sits there whole: train.py loads the quantized model into host memory, the
+  packed weights are pinned and streamed to the GPU one decoder layer at a time (the next
+  layer's copy overlapping this one's compute, `WeightStream`), the embeddings are looked up in
+  host memory and only the adapters, norms and a compute-dtype copy of the head stay on the GPU.
+  Every matmul sees the same dequantized values as the standard setting's copy.
 
 Knobs (environment, for measurements; the defaults are the measured best on an H100):
 QLC_FAST_KERNELS=liger uses Liger Kernel's Triton RMSNorm/SwiGLU/RoPE/fused linear cross-entropy
@@ -43,6 +48,7 @@ padded batches: slower, never wrong.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -177,10 +183,18 @@ class Settings:
     device: torch.device
     dtype: torch.dtype
     lean: bool
+    stream: bool = False  # lean on a GPU: the 4-bit base streamed from host memory per layer
 
     @classmethod
     def choose(cls, model: torch.nn.Module, spec: dict[str, Any]) -> Settings:
         device = next(p.device for p in model.parameters())
+        lean = spec["train"]["memory"] == "lean"
+        # lean on a GPU trains from a model train.py loaded into host memory (so the GPU never
+        # holds the whole base); QLC_FAST_STREAM=1 runs the same streaming on CPU, for tests.
+        gpu = spec.get("runtime", {}).get("gpus", 1) > 0 and torch.cuda.is_available()
+        stream = lean and (gpu or os.environ.get("QLC_FAST_STREAM") == "1")
+        if stream and gpu:
+            device = torch.device("cuda", torch.cuda.current_device())
         wanted = spec["quantization"]["compute_dtype"]
         if device.type != "cuda" or wanted == "float32":
             dtype = torch.float32
@@ -188,7 +202,7 @@ class Settings:
             dtype = torch.bfloat16
         else:
             dtype = torch.float16
-        return cls(device=device, dtype=dtype, lean=spec["train"]["memory"] == "lean")
+        return cls(device=device, dtype=dtype, lean=lean, stream=stream)
 
 
 # ----------------------------------------------------------------------------- fused kernels
@@ -374,12 +388,12 @@ class Lora:
                 self.B_c.copy_(self.B)
 
     def hand_back_grads(self) -> None:
-        for master, copy in ((self.A, self.A_c), (self.B, self.B_c)):
-            if copy is None or copy.grad is None:
+        for master, low in ((self.A, self.A_c), (self.B, self.B_c)):
+            if low is None or low.grad is None:
                 continue
-            grad = copy.grad.float()
+            grad = low.grad.float()
             master.grad = grad if master.grad is None else master.grad.add_(grad)
-            copy.grad = None
+            low.grad = None
 
 
 @dataclass
@@ -389,6 +403,7 @@ class Part:
     base: torch.nn.Module
     out_features: int
     lora: Lora | None
+    streamed: tuple[torch.Tensor, Any] | None = None  # this layer's fetched 4-bit weight + state
 
 
 class Proj:
@@ -418,7 +433,7 @@ class Proj:
             fused = F.linear(x, self.weight, self.bias)
             outs = list(fused.split([p.out_features for p in self.parts], dim=-1))
         else:
-            outs = [_matmul_4bit(x, p.base) for p in self.parts]
+            outs = [_linear_4bit(x, p, self.dtype) for p in self.parts]
         for i, part in enumerate(self.parts):
             if part.lora is not None:
                 outs[i] = part.lora.add_to(outs[i], x, training)
@@ -463,6 +478,124 @@ def _matmul_4bit(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     return bnb.matmul_4bit(x, module.weight.t(), bias=bias, quant_state=module.weight.quant_state)
 
 
+def _linear_4bit(x: torch.Tensor, part: Part, dtype: torch.dtype) -> torch.Tensor:
+    """x W^T from the 4-bit weight: streamed (lean on a GPU) it is dequantized with
+    bitsandbytes' own kernel and used like the standard setting's dense copy, and autograd keeps
+    only that transient copy (dropped by the layer's recomputation), never the packed buffer."""
+    if part.streamed is None:
+        return _matmul_4bit(x, part.base)
+    import bitsandbytes.functional as bnbf
+
+    packed, state = part.streamed
+    weight = bnbf.dequantize_4bit(packed, state).to(dtype)
+    bias = part.base.bias
+    return F.linear(x, weight, None if bias is None else bias.to(x.device, x.dtype))
+
+
+class WeightStream:
+    """lean on a GPU: the frozen 4-bit weights of the decoder layers live in pinned host memory.
+    A layer's packed weights and scales are copied to the GPU just before it runs, the next
+    layer's copy (in the direction of the pass: up in the forward, down in the backward's
+    recomputation) on a copy stream while this one computes, and dropped after: the GPU holds
+    about two layers of the base instead of all of it. `restore()` puts every weight back."""
+
+    def __init__(self, layers: list[list[torch.nn.Module]], device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        self.modules = layers
+        self.homes = [[m.weight.data.device for m in mods] for mods in layers]
+        self.host = [[self._to_host(m) for m in mods] for mods in layers]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.resident: dict[int, tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.last, self.direction, self.fetches = -1, 1, 0
+
+    def _to_host(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        weight, state = module.weight, module.weight.quant_state
+        packed, absmax = weight.data.to("cpu"), state.absmax.to("cpu")
+        if self.cuda:
+            packed, absmax = packed.pin_memory(), absmax.pin_memory()
+        small = copy.copy(state)  # the NF4 code and nested scales: a few KiB, kept on the GPU
+        small.code = state.code.to(self.device)
+        if state.nested:
+            small.offset = state.offset.to(self.device)
+            small.state2 = copy.copy(state.state2)
+            small.state2.absmax = state.state2.absmax.to(self.device)
+            small.state2.code = state.state2.code.to(self.device)
+        weight.data, state.absmax = packed, absmax  # a GPU-loaded base leaves the GPU
+        return packed, absmax, small
+
+    def restore(self) -> None:
+        self.resident.clear()
+        for mods, homes in zip(self.modules, self.homes, strict=True):
+            for module, home in zip(mods, homes, strict=True):
+                state = module.weight.quant_state
+                module.weight.data = module.weight.data.to(home)
+                state.absmax = state.absmax.to(home)
+
+    def _fetch(self, i: int) -> None:
+        if i in self.resident or not 0 <= i < len(self.host):
+            return
+        event = None
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                tensors = [
+                    (p.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True))
+                    for p, a, _ in self.host[i]
+                ]
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+        else:
+            tensors = [(p.to(self.device), a.to(self.device)) for p, a, _ in self.host[i]]
+        self.resident[i] = (event, tensors)
+        self.fetches += 1
+
+    def get(self, i: int) -> list[tuple[torch.Tensor, Any]]:
+        """Layer i's weights on the device (waited for), and the next layer's copy started."""
+        if i != self.last:
+            self.direction = 1 if i > self.last else -1
+        self._fetch(i)
+        event, tensors = self.resident[i]
+        if event is not None:  # first use: the compute stream waits for the copy, and the
+            current = torch.cuda.current_stream(self.device)  # allocator for the compute
+            current.wait_event(event)
+            for packed, absmax in tensors:
+                packed.record_stream(current)
+                absmax.record_stream(current)
+            self.resident[i] = (None, tensors)
+        following = i + self.direction
+        if not 0 <= following < len(self.host):  # the pass turns (forward -> recomputation)
+            following = i - self.direction
+        for old in [k for k in self.resident if k not in (i, following)]:
+            del self.resident[old]
+        self._fetch(following)
+        self.last = i
+        weights = []
+        for (packed, absmax), (_, _, small) in zip(tensors, self.host[i], strict=True):
+            state = copy.copy(small)
+            state.absmax = absmax
+            weights.append((packed, state))
+        return weights
+
+
+class Parked:
+    """Parameters moved for the run (lean: embeddings to host memory, adapters to the GPU),
+    put back where they were by `restore()`."""
+
+    def __init__(self) -> None:
+        self.moved: list[tuple[torch.nn.Parameter, torch.device]] = []
+
+    def move(self, param: torch.nn.Parameter, device: torch.device | str) -> torch.Tensor:
+        home = param.data.device
+        if home != torch.device(device):
+            self.moved.append((param, home))
+            param.data = param.data.to(device)
+        return param.data
+
+    def restore(self) -> None:
+        for param, home in reversed(self.moved):
+            param.data = param.data.to(home)
+        self.moved.clear()
+
+
 @dataclass
 class Layer:
     in_norm: torch.Tensor
@@ -471,6 +604,11 @@ class Layer:
     o: Proj | Separate
     gate_up: Proj | Separate
     down: Proj | Separate
+    index: int = 0
+
+    @property
+    def parts(self) -> list[Part]:
+        return [p for proj in (self.qkv, self.o, self.gate_up, self.down) for p in proj.parts]
 
 
 class FastDecoder:
@@ -487,17 +625,36 @@ class FastDecoder:
         self.kernels = Kernels(settings.device, settings.dtype, shape)
         self.eps = config.rms_norm_eps
         self.rotary = base.model.rotary_emb
-        embed = base.model.embed_tokens.weight.detach()  # lean: no second copy, cast per lookup
-        self.embed = embed if settings.lean else embed.to(settings.dtype)
-        head = base.lm_head.weight.detach()  # lean: logits from the stored head, no second copy
-        self.lm_head = head if settings.lean else head.to(settings.dtype)
-        self.norm = base.model.norm.weight.detach().to(settings.dtype)
+        self.parked = Parked()
+        self.stream: WeightStream | None = None
+        device, dt = settings.device, settings.dtype
+        if settings.stream:  # embeddings looked up in host memory, the head as a compute copy
+            self.embed = self.parked.move(base.model.embed_tokens.weight, "cpu").detach()
+            self.lm_head = base.lm_head.weight.detach().to(device, dt)
+            self.parked.move(base.lm_head.weight, "cpu")
+            for param in model.parameters():
+                if param.requires_grad:  # the adapters train on the GPU
+                    self.parked.move(param, device)
+        else:
+            embed = base.model.embed_tokens.weight.detach()  # lean: no copy, cast per lookup
+            self.embed = embed if settings.lean else embed.to(dt)
+            head = base.lm_head.weight.detach()  # lean: logits from the stored head, no copy
+            self.lm_head = head if settings.lean else head.to(dt)
+        self.norm = base.model.norm.weight.detach().to(device, dt)
         self.layers = [self._layer(layer) for layer in base.model.layers]
+        for index, layer in enumerate(self.layers):
+            layer.index = index
+        if settings.stream:
+            bases = [[part.base for part in layer.parts] for layer in self.layers]
+            self.stream = WeightStream(bases, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         self.training = True
         self.bucket = int(os.environ.get("QLC_FAST_BUCKET") or 0)
 
     def _layer(self, layer) -> Layer:
         attn, mlp, dt = layer.self_attn, layer.mlp, self.settings.dtype
+        device = self.settings.device
         fuse = os.environ.get("QLC_FAST_FUSE", "1") != "0"
 
         def proj(*mods: torch.nn.Module) -> Proj | Separate:
@@ -506,8 +663,8 @@ class FastDecoder:
             return Separate([Proj([_part(m)], self.settings, self.dequantize) for m in mods])
 
         return Layer(
-            layer.input_layernorm.weight.detach().to(dt),
-            layer.post_attention_layernorm.weight.detach().to(dt),
+            layer.input_layernorm.weight.detach().to(device, dt),
+            layer.post_attention_layernorm.weight.detach().to(device, dt),
             proj(attn.q_proj, attn.k_proj, attn.v_proj),
             proj(attn.o_proj),
             proj(mlp.gate_proj, mlp.up_proj),
@@ -519,6 +676,8 @@ class FastDecoder:
         padded = f", rows rounded up to {self.bucket} tokens" if self.bucket else ""
         attention = "varlen flash" if self.kernels.varlen else "SDPA per example"
         weights = "bf16 copy of the dequantized base" if self.dequantize else "4-bit base"
+        if self.stream is not None:
+            weights = "4-bit base streamed per layer from pinned host memory"
         if self.settings.dtype != torch.bfloat16:
             weights = weights.replace("bf16", str(self.settings.dtype).replace("torch.", ""))
         return (
@@ -534,13 +693,26 @@ class FastDecoder:
         )
 
     def release(self) -> None:
-        self.layers, self.embed, self.lm_head = [], None, None
+        if self.stream is not None:
+            self.stream.restore()
+        self.parked.restore()
+        self.layers, self.embed, self.lm_head, self.stream = [], None, None, None
         if self.settings.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- forward
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed.device == ids.device:
+            return F.embedding(ids, self.embed).to(self.settings.dtype)
+        rows = F.embedding(ids.cpu(), self.embed).to(self.settings.dtype)
+        return rows.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else rows
+
     def loss_sum(self, batch: Packed) -> torch.Tensor:
-        x = F.embedding(batch.input_ids, self.embed).to(self.settings.dtype)
+        return self._loss(self.hidden(batch), batch.targets)
+
+    def hidden(self, batch: Packed) -> torch.Tensor:
+        """The final normalized hidden states of a packed batch."""
+        x = self._embed(batch.input_ids)
         cos, sin = self.rotary(x[None], batch.position_ids[None])  # (1, T, D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
@@ -548,9 +720,35 @@ class FastDecoder:
                 x = checkpoint(self._block, layer, x, batch, cos, sin, use_reentrant=False)
             else:
                 x = self._block(layer, x, batch, cos, sin)
-        return self._loss(self.kernels.rms_norm(x, self.norm, self.eps), batch.targets)
+        return self.kernels.rms_norm(x, self.norm, self.eps)
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], new_tokens: int, stop: int | None) -> list[int]:
+        """Greedy continuation (no cache: every token reruns the sequence, streamed weights
+        included); for the lean setting's sample, where the model never sits on the GPU."""
+        ids = list(prompt)
+        for _ in range(new_tokens):
+            example = {"input_ids": ids, "labels": ids}
+            h = self.hidden(pack([example], self.settings.device))
+            token = int(F.linear(h[-1:].to(self.lm_head.dtype), self.lm_head).argmax())
+            ids.append(token)
+            if token == stop:
+                break
+        return ids[len(prompt) :]
 
     def _block(self, layer: Layer, x, batch: Packed, cos, sin) -> torch.Tensor:
+        if self.stream is None:
+            return self._compute_block(layer, x, batch, cos, sin)
+        parts = layer.parts
+        for part, fetched in zip(parts, self.stream.get(layer.index), strict=True):
+            part.streamed = fetched
+        try:
+            return self._compute_block(layer, x, batch, cos, sin)
+        finally:
+            for part in parts:
+                part.streamed = None
+
+    def _compute_block(self, layer: Layer, x, batch: Packed, cos, sin) -> torch.Tensor:
         k = self.kernels
         x = x + self._attention(layer, k.rms_norm(x, layer.in_norm, self.eps), batch, cos, sin)
         gate, up = layer.gate_up(k.rms_norm(x, layer.post_norm, self.eps), self.training)
@@ -876,15 +1074,28 @@ class RunState:
 
 
 def train(
-    *, model, tokenizer, train_examples, eval_examples, spec, output_dir, log, resume_from
+    *,
+    model,
+    tokenizer,
+    train_examples,
+    eval_examples,
+    spec,
+    output_dir,
+    log,
+    resume_from,
+    sample: tuple[list[int], int, int | None] | None = None,
 ) -> dict[str, Any]:
-    """Train the peft model in place; returns the run summary (see module docstring)."""
+    """Train the peft model in place; returns the run summary (see module docstring).
+    `sample` (prompt ids, new tokens, stop id): with the streamed lean setting the summary's
+    "sample_ids" is the greedy continuation, computed before the model goes back to the host."""
     start = time.perf_counter()
     train_cfg, seed = spec["train"], spec["job"]["seed"]
     settings = Settings.choose(model, spec)
     if settings.lean and settings.device.type == "cuda":  # fewer, growable segments: less waste
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     decoder, path = build_decoder(model, spec, settings, train_examples)
+    if decoder is None and settings.stream:  # the generic path trains the model where it is
+        model.to(settings.device)
     print(f"qlc fast engine: {path}", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_fn = (
@@ -924,11 +1135,14 @@ def train(
         train_seconds = time.perf_counter() - start
         loss_fn.train(False)
         eval_loss = evaluate(loss_fn, eval_examples, train_cfg["batch_size"], settings.device)
+        summary = _summary(state, train_seconds, eval_loss, settings, path)
+        if sample is not None and decoder is not None and decoder.stream is not None:
+            summary["sample_ids"] = decoder.greedy(*sample)
     finally:
         loss_fn.train(True)
         if decoder is not None:
             decoder.release()
-    return _summary(state, train_seconds, eval_loss, settings, path)
+    return summary
 
 
 class StepProfiler:
@@ -1153,6 +1367,7 @@ def _memory(device: torch.device) -> dict[str, int]:
 def _summary(state: RunState, seconds: float, eval_loss, settings: Settings, path: str) -> dict:
     memory = _memory(settings.device)
     return {
+        "weights_streamed": settings.stream,
         "engine": "fast",
         "path": path,
         "memory_setting": "lean" if settings.lean else "standard",

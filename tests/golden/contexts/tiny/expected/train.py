@@ -31,6 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -738,6 +740,46 @@ def build_smoke_model(spec: dict[str, Any], rows: list[dict], out: Path) -> str:
     return str(out)
 
 
+def streams_base(spec: dict[str, Any], use_cpu: bool) -> bool:
+    """The fast engine's lean setting on a GPU streams the 4-bit base from host memory, so the
+    model is loaded (and quantized) there and never sits on the GPU whole."""
+    train = spec["train"]
+    return (
+        not use_cpu
+        and train["engine"] == "fast"
+        and train["memory"] == "lean"
+        and spec["quantization"]["load_in_4bit"]
+    )
+
+
+@contextmanager
+def quantized_on_gpu_kept_on_host(enabled: bool) -> Iterator[None]:
+    """While loading into host memory: every weight is quantized by bitsandbytes' CUDA kernel
+    (the same bits as a GPU load, and fast; its CPU path is a slow reference) and the result
+    kept in host memory, so the GPU never holds more than the weight being quantized."""
+    if not enabled:
+        yield
+        return
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    original = bnbf.quantize_4bit
+    gpu = torch.device("cuda", torch.cuda.current_device())
+
+    def on_gpu(A: Any, *args: Any, **kwargs: Any) -> Any:
+        if A.device.type != "cpu":
+            return original(A, *args, **kwargs)
+        packed, state = original(A.to(gpu), *args, **kwargs)
+        state.to("cpu")  # in place
+        return packed.cpu(), state
+
+    bnbf.quantize_4bit = on_gpu
+    try:
+        yield
+    finally:
+        bnbf.quantize_4bit = original
+
+
 def load_model(
     spec: dict[str, Any], source: str, revision: str | None, env: Env, use_cpu: bool
 ) -> Any:
@@ -745,17 +787,26 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     quant, train = spec["quantization"], spec["train"]
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        revision=revision,
-        token=os.environ.get("HF_TOKEN") or None,
-        trust_remote_code=spec["model"]["trust_remote_code"],
-        quantization_config=bnb_config(spec),
-        dtype=torch_dtype(quant["compute_dtype"]),
-        device_map=None if use_cpu or fsdp_args(spec) else {"": env.local_rank},
-    )
+    on_host = streams_base(spec, use_cpu)
+    if on_host:
+        device_map: Any = {"": "cpu"}
+    else:
+        device_map = None if use_cpu or fsdp_args(spec) else {"": env.local_rank}
+    with quantized_on_gpu_kept_on_host(on_host):
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=revision,
+            token=os.environ.get("HF_TOKEN") or None,
+            trust_remote_code=spec["model"]["trust_remote_code"],
+            quantization_config=bnb_config(spec),
+            dtype=torch_dtype(quant["compute_dtype"]),
+            device_map=device_map,
+        )
     checkpointing = train["gradient_checkpointing"] or train["memory"] == "lean"
-    if quant["load_in_4bit"]:
+    # The streamed lean setting keeps the non-quantized weights as loaded: peft's float32
+    # upcast would double them, and the fast engine casts them to its compute dtype anyway
+    # (float16 -> bfloat16 is the same value with or without float32 in between).
+    if quant["load_in_4bit"] and not on_host:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=checkpointing,
@@ -932,6 +983,7 @@ def train_fast(
     out: Path,
     log: MetricsLog,
     resume_from: Path | None,
+    sample: tuple[list[int], int, int | None] | None,
 ) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     import fast_engine  # beside this script; only the fast engine needs it
@@ -945,14 +997,20 @@ def train_fast(
         output_dir=out,  # the fast engine writes out/checkpoints/checkpoint-N atomically
         log=log,
         resume_from=resume_from,
+        sample=sample,
     )
+
+
+def prompt_encoding(tokenizer: Any, prompt: str, **kwargs: Any) -> Any:
+    """The prompt as the model sees it: one <s>, whether or not the rendered text has it."""
+    has_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
+    return tokenizer(prompt, add_special_tokens=not has_bos, **kwargs)
 
 
 def generate_sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
     import torch
 
-    has_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos)
+    enc = prompt_encoding(tokenizer, prompt, return_tensors="pt")
     enc = {key: value.to(model.device) for key, value in enc.items() if key != "token_type_ids"}
     model.eval()
     model.config.use_cache = True
@@ -1216,10 +1274,22 @@ def prepare_data(
     return train, evals, eval_rendered[0] if eval_rendered else train_rendered[-1]
 
 
+def sample_tokens(env: Env) -> int:
+    return 16 if env.smoke else SAMPLE_NEW_TOKENS
+
+
 def write_sample(
-    spec: dict[str, Any], model: Any, tokenizer: Any, held_out: Rendered, env: Env, from_eval: bool
+    spec: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    held_out: Rendered,
+    env: Env,
+    from_eval: bool,
+    generated: list[int] | None = None,
 ) -> None:
-    new_tokens = 16 if env.smoke else SAMPLE_NEW_TOKENS
+    """sample.json: the held-out prompt's greedy continuation (`generated`: already computed
+    by the engine, as the streamed lean setting does before the model leaves the GPU)."""
+    new_tokens = sample_tokens(env)
     sample: dict[str, Any] = {
         "prompt": held_out.prompt,
         "held_out": from_eval,
@@ -1227,6 +1297,8 @@ def write_sample(
     }
     if fsdp_args(spec):  # the weights are sharded over the processes: no one-process generation
         sample["skipped"] = "FSDP shards the model across processes"
+    elif generated is not None:
+        sample["completion"] = tokenizer.decode(generated, skip_special_tokens=True)
     else:
         sample["completion"] = generate_sample(model, tokenizer, held_out.prompt, new_tokens)
     write_json_atomic(env.output_dir / "sample.json", sample)
@@ -1303,8 +1375,15 @@ def run(spec: dict[str, Any], env: Env, manifest: dict[str, Any]) -> dict[str, A
     manifest["predicate"]["run"]["resumed_from"] = str(resume_from) if resume_from else None
     if resume_from is not None:
         log({"event": "resume", "checkpoint": resume_from.name})
+    generated = None
     if fast:
-        metrics = train_fast(model, tokenizer, train, evals, spec, out, log, resume_from)
+        request = (
+            prompt_encoding(tokenizer, held_out.prompt)["input_ids"],
+            sample_tokens(env),
+            tokenizer.eos_token_id,
+        )
+        metrics = train_fast(model, tokenizer, train, evals, spec, out, log, resume_from, request)
+        generated = metrics.pop("sample_ids", None)
         model.save_pretrained(out / ADAPTER_STAGING)  # one process (check_engine)
     else:  # the trainer saves the adapter (on rank 0, gathered first under FSDP)
         metrics = train_reference(
@@ -1314,7 +1393,7 @@ def run(spec: dict[str, Any], env: Env, manifest: dict[str, Any]) -> dict[str, A
         return metrics
     tokenizer.save_pretrained(out / ADAPTER_STAGING)
     publish_adapter(out)
-    write_sample(spec, model, tokenizer, held_out, env, from_eval=bool(eval_rows))
+    write_sample(spec, model, tokenizer, held_out, env, bool(eval_rows), generated)
     tail = log.losses[-max(1, len(log.losses) // 10) :]
     metrics.update(
         final_loss=sum(tail) / len(tail) if tail else None, peak_memory_bytes=peak_memory_bytes()
