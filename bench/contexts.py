@@ -68,8 +68,18 @@ def bench_spec(base: str, pipeline: str, cpu: bool, max_steps: int | None) -> st
     return text
 
 
+def write_estimate(path: Path, estimate) -> None:
+    """The preflight estimate (`qlc explain --gpu H100`) beside what it predicts, for run.py."""
+    path.write_text(json.dumps({"setting": estimate.setting, "bytes": estimate.total_bytes}))
+
+
 def main() -> None:
     from qlc.compiler.context import compile_spec
+    from qlc.compiler.load import load_spec
+    from qlc.compiler.memory import estimate_for_plan, estimate_seed_recipe
+    from qlc.compiler.shapes import find_gpu
+
+    h100 = find_gpu("H100")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".work")
@@ -79,6 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     base = (ROOT / "specs" / "guanaco.toml").read_text()
     lock = (ROOT / "specs" / "guanaco.lock").read_bytes()
+    seed_spec = load_spec(bench_spec(base, "reference", False, None).encode(), "seed.toml").spec
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_estimate(args.out / "seed-estimate.json", estimate_seed_recipe(seed_spec))
     for pipeline in args.pipelines.split(","):
         text = bench_spec(base, pipeline, args.cpu, args.max_steps)
         # The CPU variant targets no image, so the GPU image's lock does not apply to it.
@@ -92,6 +105,7 @@ def main() -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name, data in context.files.items():
             (target / name).write_bytes(data)
+        write_estimate(target / "estimate.json", estimate_for_plan(context.plan, gpu=h100))
         print(
             json.dumps(
                 {"pipeline": pipeline, "context": str(target), "content_hash": context.content_hash}

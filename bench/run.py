@@ -138,6 +138,9 @@ def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[s
         else (steps[0]["elapsed_s"] if steps else None),
         "peak_allocated": summary.get("peak_memory_allocated"),
         "peak_reserved": summary.get("peak_memory_reserved") or summary.get("peak_memory_bytes"),
+        # the whole process (load, train, eval, sample), from train.py
+        "peak_reserved_process": summary.get("peak_memory_bytes"),
+        "weights_streamed": summary.get("weights_streamed"),
         "final_loss_last10pct": last_tenth_mean([r["loss"] for r in steps]),
         "heldout_loss": summary.get("eval_loss"),
         "loss_curve": [round(float(r["loss"]), 4) for r in steps],
@@ -146,6 +149,15 @@ def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[s
         "wall_s": wall,
         "engine_path": summary.get("path"),
     }
+
+
+def add_estimate(record: dict, path: Path) -> None:
+    """The preflight estimate made at compile time (bench/contexts.py) against the measurement."""
+    if not path.is_file() or not record.get("peak_reserved"):
+        return
+    predicted = json.loads(path.read_text())["bytes"]
+    record["predicted_peak_reserved_gib"] = round(predicted / GIB, 2)
+    record["predicted_vs_measured"] = predicted / record["peak_reserved"]
 
 
 def add_ratios(record: dict, seed: dict | None) -> None:
@@ -253,9 +265,12 @@ def main() -> None:
         else:
             record = run_qlc(args, pipeline, model, data, out, env)
         record = {"pipeline": pipeline, "shape": args.shape, **record}
-        for key in ("peak_allocated", "peak_reserved"):
+        for key in ("peak_allocated", "peak_reserved", "peak_reserved_process"):
             if record.get(key):
                 record[key + "_gib"] = round(record[key] / GIB, 2)
+        name = pipeline.partition(":")[0].removesuffix("-profile")
+        estimate = "seed-estimate.json" if name == "seed" else f"ctx-{name}/estimate.json"
+        add_estimate(record, args.contexts / estimate)
         if pipeline == "seed":
             seed = record
         if pipeline == "ddp1":

@@ -210,8 +210,11 @@ def estimate_for_plan(
     if isinstance(plan_or_spec, Spec):
         spec = plan_or_spec
     else:
-        effective = plan_or_spec.spec if isinstance(plan_or_spec, Plan) else plan_or_spec
-        spec = Spec.model_validate_json(json.dumps(dict(effective)))
+        effective = dict(plan_or_spec.spec if isinstance(plan_or_spec, Plan) else plan_or_spec)
+        train = dict(effective.get("train", {}))
+        if train.get("examples_per_step") is not None:  # the plan carries the derived one too
+            train.pop("grad_accum", None)
+        spec = Spec.model_validate_json(json.dumps({**effective, "train": train}))
     return estimate(spec, shape, gpu)
 
 

@@ -153,16 +153,35 @@ def fast_standard_path(w: Workload, s: ModelShape, gpu: Gpu | None) -> tuple[boo
     return False, activations + FAST_PLAN_MARGIN > free
 
 
-# LEAN SETTING. The lean memory setting is being reworked (e.g. streaming part of the 4-bit
-# base from pinned host memory): its terms live here and nowhere else.
+# LEAN SETTING: its terms live here and nowhere else.
+STREAM_WINDOW = 3  # layers of packed weights on the GPU: in use, prefetched, freed-but-pending
+
+
 def fast_lean(w: Workload, s: ModelShape) -> MemoryEstimate:
-    """train.engine = "fast", memory = "lean": 4-bit base dequantized per matmul, every layer
-    recomputed, loss in checkpointed chunks, paged 8-bit optimizer states, no copies of the
-    embeddings or lm_head."""
+    """train.engine = "fast", memory = "lean": every layer recomputed, loss in checkpointed
+    chunks, paged 8-bit optimizer states. On a GPU the 4-bit base is streamed from pinned host
+    memory one layer at a time (fast_engine.WeightStream) and the embeddings stay in host
+    memory; on CPU the base is dequantized per matmul where it is."""
     c = _compute_bytes(w)
+    streamed = w.gpus > 0
+    if streamed:
+        base = [
+            Term(
+                "lean.streamed_base_window",
+                sum(t.bytes for t in _base_weights(w, s)) * STREAM_WINDOW // s.layers,
+                f"{STREAM_WINDOW} decoder layers of packed weights and scales on the GPU "
+                "(the rest in pinned host memory)",
+            ),
+            Term(
+                "lean.head_norms_copy",
+                (s.vocab * s.hidden + s.norm_params) * c,
+                "compute-dtype copy of lm_head and the norms (embeddings looked up on the host)",
+            ),
+        ]
+    else:
+        base = [*_base_weights(w, s), _stored_embeddings(w, s)]
     persistent = [
-        *_base_weights(w, s),
-        _stored_embeddings(w, s),
+        *base,
         *_lora_terms(w, s, copy_bytes=c),
         *_optimizer_terms(_fast_optimizer(w), _lora_tensors(w, s)),
     ]
@@ -174,11 +193,15 @@ def fast_lean(w: Workload, s: ModelShape) -> MemoryEstimate:
         f"one recomputed loss chunk ({chunk} tokens): logits, log-softmax, gradient; "
         "plus the hidden states' gradient",
     )
-    largest = max(a * b for a, b in map(s.projection, PROJECTIONS)) * c
-    working = _working_set(w, s, c, dequant_bytes=largest)
+    if streamed:  # a recomputed layer keeps every dequantized weight for its backward
+        dequant = sum(a * b for a, b in map(s.projection, PROJECTIONS)) * c
+    else:
+        dequant = max(a * b for a, b in map(s.projection, PROJECTIONS)) * c
+    working = _working_set(w, s, c, dequant_bytes=dequant)
     layer = _fast_layer_bytes(w, s, c)
+    where = "4-bit base streamed from host memory" if streamed else "4-bit base"
     return _assemble(
-        "fast engine, lean memory (4-bit base, recompute per layer, chunked loss)",
+        f"fast engine, lean memory ({where}, recompute per layer, chunked loss)",
         w,
         s,
         persistent,
