@@ -357,7 +357,7 @@ def test_streamed_lean_fetches_each_layer_per_pass_and_puts_weights_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """WeightStream's bookkeeping (on CPU the copies are the host tensors themselves): at most
-    two layers resident, one fetch per layer in the forward and one in the recomputation
+    three layers resident, one fetch per layer in the forward and one in the recomputation
     (the last layer's forward copy is reused), and release() leaves the model as it was."""
     monkeypatch.setenv("QLC_FAST_STREAM", "1")
     spec = make_spec(memory="lean")
@@ -387,7 +387,7 @@ def test_streamed_lean_fetches_each_layer_per_pass_and_puts_weights_back(
     # forward: layers 0..L-1; recomputation: L-1 and L-2 still there, L-3..0 fetched (and
     # layer 1, the next forward's second layer, still there beside 0)
     assert decoder.stream.fetches == layers + (layers - 2)
-    assert max(len(r) for r in seen) <= 2 and len(decoder.stream.resident) <= 2
+    assert max(len(r) for r in seen) <= 3 and len(decoder.stream.resident) <= 3
     assert all(part.streamed is None for layer in decoder.layers for part in layer.parts)
     decoder.release()
     for name, param in model.named_parameters():

@@ -778,6 +778,7 @@ def quantized_on_gpu_kept_on_host(enabled: bool) -> Iterator[None]:
         yield
     finally:
         bnbf.quantize_4bit = original
+        torch.cuda.empty_cache()  # the quantization buffers: training reuses none of them
 
 
 def load_model(
