@@ -223,7 +223,27 @@ def prepare(args) -> tuple[Path, Path, dict[str, str]]:
     return model, data, env
 
 
+RATIO_KEYS = ("speedup_vs_seed", "reserved_vs_seed", "final_loss_vs_seed", "heldout_loss_vs_seed")
+
+
+def ratio_lines(records: list[dict]) -> list[dict]:
+    """Every pipeline against the seed run among `records` (one call), whatever their order."""
+    seed = next((r for r in records if r.get("pipeline") == "seed"), None)
+    lines = []
+    for record in records:
+        row = {k: v for k, v in record.items() if k not in RATIO_KEYS}
+        add_ratios(row, seed)
+        if any(k in row for k in RATIO_KEYS):
+            lines.append({"ratios": record["pipeline"], **{k: row.get(k) for k in RATIO_KEYS}})
+    return lines
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--ratios"]:  # python bench/run.py --ratios RESULTS.jsonl
+        records = [json.loads(line) for line in Path(sys.argv[2]).read_text().splitlines()]
+        for line in ratio_lines([r for r in records if "pipeline" in r]):
+            print(json.dumps(line))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlc-bench"))
     parser.add_argument(
@@ -250,6 +270,7 @@ def main() -> None:
         ).stdout
     )
     seed = one_gpu = None
+    records: list[dict] = []
     sep = "/" if "/" in args.pipelines or ":" in args.pipelines else ","
     for pipeline in args.pipelines.split(sep):
         out = args.work / "runs" / re.sub(r"[^A-Za-z0-9._-]", "_", pipeline)
@@ -279,11 +300,19 @@ def main() -> None:
             add_scaling(record, one_gpu)
         add_ratios(record, seed)
         record.update(info)
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.results:
-            with open(args.results, "a") as handle:
-                handle.write(line + "\n")
+        records.append(record)
+        emit(record, args.results)
+    if seed is not None and records[0] is not seed:  # pipelines that ran before the seed
+        for line in ratio_lines(records):
+            emit(line, args.results)
+
+
+def emit(record: dict, results: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if results:
+        with open(results, "a") as handle:
+            handle.write(line + "\n")
 
 
 if __name__ == "__main__":
