@@ -190,8 +190,7 @@ def build(
         cache_hit=cache_hit,
         log_path=log_path,
     )
-    save_build(project, record)
-    return record
+    return save_build(project, record)  # with the push of the same image, if any
 
 
 def _run_build(

@@ -99,14 +99,16 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def save_build(project_dir: Path, record: BuildRecord) -> None:
-    """Record a build as the job's and the project's latest. A rebuild that found the same
-    image (a cache hit) keeps that image's push: its registry digest still names it."""
+def save_build(project_dir: Path, record: BuildRecord) -> BuildRecord:
+    """Record a build as the job's and the project's latest, and return what was saved. A
+    rebuild that found the same image (a cache hit) keeps that image's push: its registry
+    digest still names it."""
     with records_locked(project_dir):
         record = with_previous_push(project_dir, record)
         data = record.model_dump(mode="json")
         write_json_atomic(build_record_path(project_dir, record.job), data)
         write_json_atomic(last_build_path(project_dir), data)
+    return record
 
 
 def with_previous_push(project_dir: Path, record: BuildRecord) -> BuildRecord:
