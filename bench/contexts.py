@@ -25,6 +25,9 @@ PIPELINES = {
     # GPUs (4 per device x 2 accumulated, or 4 per device x 2 processes).
     "ddp1": {"engine": "reference", "memory": "standard", "gpus": 1, "examples_per_step": 8},
     "ddp2": {"engine": "reference", "memory": "standard", "gpus": 2, "examples_per_step": 8},
+    # the same on the fast engine (data parallel: each process trains half of every step)
+    "fast1": {"engine": "fast", "memory": "standard", "gpus": 1, "examples_per_step": 8},
+    "fast2": {"engine": "fast", "memory": "standard", "gpus": 2, "examples_per_step": 8},
 }
 
 

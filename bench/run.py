@@ -175,16 +175,17 @@ def smoothed(curve: list[float], window: int = 10) -> list[float]:
 
 
 def add_scaling(record: dict, one_gpu: dict | None) -> None:
-    """ddpN against ddp1 of the same call: throughput ratio and how far the loss curves part."""
+    """ddpN (fastN) against ddp1 (fast1) of the same call: throughput ratio and how far the
+    loss curves part."""
     if not one_gpu or one_gpu.get("status") != "ok" or record.get("status") != "ok":
         return
-    record["speedup_vs_ddp1"] = record["tokens_per_s"] / one_gpu["tokens_per_s"]
+    record["speedup_vs_1gpu"] = record["tokens_per_s"] / one_gpu["tokens_per_s"]
     mine, theirs = record["loss_curve"], one_gpu["loss_curve"]
     if len(mine) != len(theirs) or len(mine) < 10:
-        record["loss_curve_vs_ddp1"] = f"not comparable: {len(mine)} vs {len(theirs)} steps"
+        record["loss_curve_vs_1gpu"] = f"not comparable: {len(mine)} vs {len(theirs)} steps"
         return
     pairs = list(zip(smoothed(mine), smoothed(theirs), strict=True))
-    record["loss_curve_vs_ddp1"] = {
+    record["loss_curve_vs_1gpu"] = {
         "steps": len(mine),
         "max_rel_diff_10step_mean": max(abs(a - b) / b for a, b in pairs),
         "mean_rel_diff_10step_mean": sum(abs(a - b) / b for a, b in pairs) / len(pairs),
@@ -269,7 +270,8 @@ def main() -> None:
             [sys.executable, "-c", VERSIONS], env=env, check=True, capture_output=True, text=True
         ).stdout
     )
-    seed = one_gpu = None
+    seed = None
+    one_gpu: dict[str, dict] = {}  # "ddp" / "fast" -> its 1-GPU record
     records: list[dict] = []
     sep = "/" if "/" in args.pipelines or ":" in args.pipelines else ","
     for pipeline in args.pipelines.split(sep):
@@ -294,10 +296,10 @@ def main() -> None:
         add_estimate(record, args.contexts / estimate)
         if pipeline == "seed":
             seed = record
-        if pipeline == "ddp1":
-            one_gpu = record
-        elif pipeline.startswith("ddp"):
-            add_scaling(record, one_gpu)
+        if re.fullmatch(r"(ddp|fast)1", pipeline):
+            one_gpu[pipeline[:-1]] = record
+        elif re.fullmatch(r"(ddp|fast)\d+", pipeline):
+            add_scaling(record, one_gpu.get(pipeline.rstrip("0123456789")))
         add_ratios(record, seed)
         record.update(info)
         records.append(record)

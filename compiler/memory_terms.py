@@ -104,7 +104,7 @@ def fast_standard(w: Workload, s: ModelShape, gpu: Gpu | None) -> MemoryEstimate
     )
     notes: tuple[str, ...] = () if gpu else (ROOMY_NOTE,)
     if w.devices > 1:
-        notes += ("the fast engine trains in one process: runtime.gpus > 1 needs the reference",)
+        notes += ("data parallel: every GPU holds this (a whole model per process)",)
     return _assemble(
         f"fast engine, standard memory ({path})",
         w,

@@ -118,11 +118,12 @@ def test_several_nodes_without_an_address_is_an_error(script: ModuleType) -> Non
         script.launch_argv(spec_with(script, 2), {"NNODES": "2", "NODE_RANK": "0"}, 2, SCRIPT)
 
 
-def test_the_fast_engine_is_refused_with_several_processes(script: ModuleType) -> None:
-    with pytest.raises(script.UserError, match=r'engine = "fast" trains in one process'):
-        script.launch_argv(spec_with(script, 2, "fast"), {}, 2, SCRIPT)
-    with pytest.raises(script.UserError, match=r"2 were started"):
-        script.check_engine(spec_with(script, 2, "fast"), 2)
+def test_the_fast_engine_is_data_parallel_not_sharded(script: ModuleType) -> None:
+    assert script.launch_argv(spec_with(script, 2, "fast"), {}, 2, SCRIPT) is not None
+    sharded = spec_with(script, 2, "fast")
+    sharded["runtime"]["distributed"] = "fsdp"
+    with pytest.raises(script.UserError, match=r'distributed = "fsdp": the fast engine keeps'):
+        script.launch_argv(sharded, {}, 2, SCRIPT)
 
 
 def test_missing_gpus_stop_the_run_with_a_failed_manifest(tmp_path: Path) -> None:
@@ -267,3 +268,50 @@ def test_only_the_streamed_lean_setting_loads_into_host_memory(
         import bitsandbytes.functional as bnbf
 
         assert bnbf.quantize_4bit.__module__ == "bitsandbytes.functional"
+
+
+# --------------------------------------------------------------------------- the fast engine
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """specs/tiny.toml at 8 examples per step on the fast engine, without dropout (whose
+    masks depend on which process draws them): one process, then two gloo processes."""
+    source = per_step_source().replace(b"dropout = 0.05", b"dropout = 0.0")
+    source = source.replace(b"[train]\n", b'[train]\nengine = "fast"\n')
+    context = compile_to("tiny.toml", tmp_path_factory.mktemp("fast-ctx"), source)
+    one, two = tmp_path_factory.mktemp("fast-one"), tmp_path_factory.mktemp("fast-two")
+    assert_ok(run_train(context, one))
+    result = run_train(context, two, QLC_NPROC="2")
+    assert_ok(result)
+    assert "--nproc-per-node=2" in result.stdout
+    return one, two
+
+
+@pytest.mark.slow
+def test_fast_engine_on_two_processes_trains_the_one_process_steps(
+    fast_runs: tuple[Path, Path],
+) -> None:
+    """Each process trains half of every step's micro-batches and the gradients are summed:
+    the same steps, losses and adapter as one process accumulating them all."""
+    from safetensors.torch import load_file
+
+    one, two = (manifest(out)["predicate"] for out in fast_runs)
+    assert one["run"]["engine"] == two["run"]["engine"] == "fast"
+    assert two["status"] == "succeeded" and two["run"]["world_size"] == 2
+    assert one["metrics"]["steps"] == two["metrics"]["steps"] == 7
+    assert one["metrics"]["tokens_trained"] == two["metrics"]["tokens_trained"] > 0
+    losses = [
+        [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+         if r.get("event", "train") == "train" and r.get("loss") is not None]
+        for out in fast_runs
+    ]  # fmt: skip
+    assert len(losses[0]) == 7 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    checkpoints = list((fast_runs[1] / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-4"]  # written once, by rank 0
+    assert len(list(fast_runs[1].rglob("adapter_model.safetensors"))) == 1 + len(checkpoints)
+    a, b = (load_file(str(out / ADAPTER)) for out in fast_runs)
+    assert a.keys() == b.keys()
+    for name in a:
+        error = float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12))
+        assert error < 1e-4, f"{name}: {error:.2e}"

@@ -177,6 +177,57 @@ def pad(examples: list[dict[str, list[int]]], pad_id: int, device: torch.device)
     return {"input_ids": as_t(ids), "labels": as_t(labels), "attention_mask": as_t(mask)}
 
 
+# ----------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Ranks:
+    """The data-parallel processes of a torchrun launch (one GPU each, or gloo on CPU). Every
+    process builds the same schedule with the step's micro-batches of all processes, trains
+    micro-batches rank, rank + world, ... of each step, and the gradients are summed over the
+    processes before the update: a step is the one-process step, split."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def mine(self, micro: list[Any]) -> list[Any]:
+        return micro[self.rank :: self.world]
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """One all-reduce of every adapter gradient (a process without a micro-batch in the
+        step adds zeros)."""
+        if self.world < 2:
+            return
+        import torch.distributed as dist
+
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(param)
+            offset += grad.numel()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 # ----------------------------------------------------------------------------- settings
 @dataclass
 class Settings:
@@ -1107,6 +1158,13 @@ def train(
     `sample` (prompt ids, new tokens, stop id): with the streamed lean setting the summary's
     "sample_ids" is the greedy continuation, computed before the model goes back to the host."""
     start = time.perf_counter()
+    ranks = Ranks.current()
+    # One schedule for all processes: each step holds every process's micro-batches, as the
+    # one-process run accumulates them (grad_accum is per process, fitted by train.py).
+    spec = {
+        **spec,
+        "train": {**spec["train"], "grad_accum": spec["train"]["grad_accum"] * ranks.world},
+    }
     train_cfg, seed = spec["train"], spec["job"]["seed"]
     settings = Settings.choose(model, spec)
     if settings.lean and settings.device.type == "cuda":  # fewer, growable segments: less waste
@@ -1149,6 +1207,7 @@ def train(
             state,
             output_dir,
             log,
+            ranks,
         )
         train_seconds = time.perf_counter() - start
         loss_fn.train(False)
@@ -1271,6 +1330,7 @@ def _loop(
     state: RunState,
     output_dir,
     log,
+    ranks: Ranks,
 ) -> None:
     train_cfg = spec["train"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1284,11 +1344,13 @@ def _loop(
         micro = [[examples[i] for i in mb] for mb in schedule[step]]
         n_targets = sum(sum(t != IGNORE for t in ex["labels"][1:]) for mb in micro for ex in mb)
         step_loss = torch.zeros((), device=device)
-        for batch in micro:
+        for batch in ranks.mine(micro):
             loss = loss_fn.loss_sum(batch, device) / max(n_targets, 1)
             loss.backward()
             loss_fn.after_backward()
             step_loss += loss.detach()
+        ranks.sum_grads(params)
+        ranks.sum(step_loss)
         if max_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         optimizer.step()
@@ -1326,6 +1388,7 @@ def _loop(
                 output_dir,
                 log,
                 len(schedule),
+                ranks,
             )
     reporter.flush()
     state.last_loss = reporter.last_loss
@@ -1349,6 +1412,7 @@ def _maybe_eval_and_save(
     output_dir,
     log,
     n_steps,
+    ranks: Ranks,
 ) -> None:
     train_cfg = spec["train"]
     if train_cfg.get("eval_steps") and state.step % train_cfg["eval_steps"] == 0:
@@ -1358,14 +1422,16 @@ def _maybe_eval_and_save(
         log({"event": "eval", "step": state.step, "eval_loss": value})
     save = train_cfg.get("save_steps")
     if save and state.step % save == 0 and state.step < n_steps:
-        save_checkpoint(
-            model,
-            optimizer,
-            scheduler,
-            state.step,
-            output_dir,
-            train_cfg.get("save_total_limit") or 2,
-        )
+        if ranks.rank == 0:  # every process holds the same adapter and optimizer state
+            save_checkpoint(
+                model,
+                optimizer,
+                scheduler,
+                state.step,
+                output_dir,
+                train_cfg.get("save_total_limit") or 2,
+            )
+        ranks.barrier()
 
 
 def _sync(device: torch.device) -> None:

@@ -1167,8 +1167,8 @@ def check_devices(spec: dict[str, Any], env: Env) -> bool:
 
 
 def init_distributed(env: Env, use_cpu: bool) -> None:
-    """The process group of a launched run (NCCL on GPUs, gloo on CPU), before the trainer,
-    which then uses it; the fast engine trains one process only."""
+    """The process group of a launched run (NCCL on GPUs, gloo on CPU), before the trainer
+    or the fast engine, which then use it."""
     import torch
     import torch.distributed as dist
 
@@ -1205,11 +1205,13 @@ def agreed_checkpoint(directory: Path, marker: str, env: Env) -> Path | None:
 
 
 def check_engine(spec: dict[str, Any], world_size: int) -> None:
-    if spec["train"]["engine"] == "fast" and world_size > 1:
+    """The fast engine is data parallel (a whole 4-bit model in every process); sharding the
+    model over the processes (FSDP) is the reference engine's."""
+    if spec["train"]["engine"] == "fast" and world_size > 1 and fsdp_args(spec):
         raise UserError(
-            f'train.engine = "fast" trains in one process but {world_size} were started: '
-            'use engine = "reference" (the trainer shards the data over processes) or '
-            "runtime.gpus = 1"
+            f'train.engine = "fast" with runtime.distributed = "fsdp": the fast engine keeps '
+            f"the whole model in each of the {world_size} processes; use distributed = "
+            '"ddp", or engine = "reference" to shard the model'
         )
 
 
@@ -1379,13 +1381,18 @@ def run(spec: dict[str, Any], env: Env, manifest: dict[str, Any]) -> dict[str, A
     generated = None
     if fast:
         request = (
-            prompt_encoding(tokenizer, held_out.prompt)["input_ids"],
-            sample_tokens(env),
-            tokenizer.eos_token_id,
+            (
+                prompt_encoding(tokenizer, held_out.prompt)["input_ids"],
+                sample_tokens(env),
+                tokenizer.eos_token_id,
+            )
+            if env.rank == 0
+            else None
         )
         metrics = train_fast(model, tokenizer, train, evals, spec, out, log, resume_from, request)
         generated = metrics.pop("sample_ids", None)
-        model.save_pretrained(out / ADAPTER_STAGING)  # one process (check_engine)
+        if env.rank == 0:  # every process holds the same adapter
+            model.save_pretrained(out / ADAPTER_STAGING)
     else:  # the trainer saves the adapter (on rank 0, gathered first under FSDP)
         metrics = train_reference(
             model, tokenizer, train, evals, spec, out, log, resume_from, use_cpu
