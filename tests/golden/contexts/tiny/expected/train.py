@@ -153,10 +153,15 @@ def hash_tree(root: Path) -> dict[str, str]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """The whole new file or the old one; a write that fails (a full disk) leaves no tmp."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def now() -> str:
