@@ -1031,15 +1031,27 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str, new_tokens: int) ->
 # The run, top to bottom.
 
 
+def explicit_nproc(environ: dict[str, str]) -> int | None:
+    """$QLC_NPROC when it is a whole number of processes (1 or more), else None."""
+    explicit = environ.get("QLC_NPROC", "").strip()
+    return int(explicit) if explicit.isdigit() and int(explicit) > 0 else None
+
+
+def gpus_asked(spec: dict[str, Any], environ: dict[str, str]) -> int:
+    """GPUs this node's run asks for: one per process of $QLC_NPROC, else runtime.gpus (0: CPU)."""
+    gpus = spec["runtime"]["gpus"]
+    return (explicit_nproc(environ) or gpus) if gpus > 0 else 0
+
+
 def processes_wanted(spec: dict[str, Any], environ: dict[str, str], visible_gpus: int) -> int:
     """Training processes on this node: $QLC_NPROC when set, else runtime.gpus; never fewer
     GPUs than asked for (a CPU spec with QLC_NPROC runs that many gloo processes)."""
     gpus = spec["runtime"]["gpus"]
     explicit = environ.get("QLC_NPROC", "").strip()
-    if explicit and (not explicit.isdigit() or int(explicit) < 1):
+    if explicit and explicit_nproc(environ) is None:
         raise UserError(f"QLC_NPROC = {explicit!r}: set a whole number of processes (1 or more)")
     nproc = int(explicit) if explicit else max(gpus, 1)
-    wanted_gpus = (nproc if explicit else gpus) if gpus > 0 else 0
+    wanted_gpus = gpus_asked(spec, environ)
     if wanted_gpus > visible_gpus:
         source = f"QLC_NPROC = {nproc}" if explicit else f"runtime.gpus = {gpus}"
         raise UserError(
@@ -1124,10 +1136,9 @@ def visible_devices_for(spec: dict[str, Any], environ: dict[str, str], visible: 
     QLC_NPROC of them), or None: it sees no more than that, trains on CPU, or a launcher
     started it. Without it one process on a bigger host would train through nn.DataParallel
     on every GPU, and the manifest would list GPUs the run never used."""
-    if "WORLD_SIZE" in environ or "LOCAL_RANK" in environ or spec["runtime"]["gpus"] < 1:
+    gpus = gpus_asked(spec, environ)
+    if "WORLD_SIZE" in environ or "LOCAL_RANK" in environ or gpus < 1:
         return None
-    explicit = environ.get("QLC_NPROC", "").strip()
-    gpus = int(explicit) if explicit.isdigit() and int(explicit) > 0 else spec["runtime"]["gpus"]
     if visible <= gpus:
         return None
     listed = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]

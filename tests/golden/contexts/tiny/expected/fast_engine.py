@@ -993,13 +993,7 @@ class GenericLoss:
 class FastLoss:
     def __init__(self, model: torch.nn.Module, decoder: FastDecoder) -> None:
         self.model, self.decoder = model, decoder
-        self.loras = [
-            p.lora
-            for layer in decoder.layers
-            for proj in (layer.qkv, layer.o, layer.gate_up, layer.down)
-            for p in proj.parts
-            if p.lora is not None
-        ]
+        self.loras = [p.lora for layer in decoder.layers for p in layer.parts if p.lora is not None]
         self.after_step()
 
     def after_backward(self) -> None:
@@ -1258,9 +1252,7 @@ class StepProfiler:
             )
             print(f"qlc fast engine profile, by host time:\n{cpu}", flush=True)
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            table = self.active.key_averages().table(
-                sort_by=key, row_limit=30, max_name_column_width=60
-            )
+            table = events.table(sort_by=key, row_limit=30, max_name_column_width=60)
             print(
                 f"qlc fast engine profile: {self.steps} steps in {seconds:.3f} s\n{table}",
                 flush=True,
