@@ -25,7 +25,7 @@ from rich.console import Console
 from qlc.runtime.docker_engine import DockerEngine, Engine, ImageInfo, PullError
 from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest, sha256_file
 from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
-from qlc.runtime.records import BuildRecord, with_previous_push
+from qlc.runtime.records import BuildRecord
 from qlc.runtime.run import (
     RunFailed,
     RunInputs,
@@ -332,8 +332,8 @@ def rebuild(
     from qlc.runtime.build import build
 
     base = host.get("base_image") if host.get("base_image_overridden") else None
-    record = build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
-    return with_previous_push(project, record)
+    # build's record keeps the push of the same image (records.save_build)
+    return build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
 
 
 def _rerun(

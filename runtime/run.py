@@ -39,7 +39,6 @@ from qlc.runtime.records import (
     last_build,
     load_build,
     state_dir,
-    with_previous_push,
 )
 from qlc.runtime.supervise import Outcome, supervise_container
 
@@ -480,10 +479,8 @@ def resolve_target(
     if target.endswith(".toml") or Path(target).is_file():
         if not Path(target).is_file():
             raise RunInputError(f"{target}: no such spec file")
-        record = build(
-            Path(target), base_image, project_dir=project, engine=engine, console=console
-        )
-        return with_previous_push(project, record)  # a cache hit still runs the pushed image
+        # build's record keeps the push of the same image: a cache hit runs the pushed image
+        return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
     image = engine.find_image(target)
     record = find_record_for_image(project, image.id) if image is not None else None
     if record is None:
