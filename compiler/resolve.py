@@ -1,4 +1,5 @@
-"""resolve: Spec -> Plan. Pins the base image, the training stack, GPU archs and driver floor.
+"""resolve: Spec -> Plan. Pins the base image, the training stack, GPU archs and driver floor;
+the training settings are decided by compiler/settle.py.
 
 Pure: everything comes from the spec and the compatibility table (compiler/data/compat.toml).
 An unsupported combination is a ResolveError naming the spec key and the nearest supported
@@ -8,11 +9,10 @@ choice, so the CLI can print it as `FILE:LINE:COL: runtime.cuda: ...`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from qlc.compiler.compat import CompatTable, ImageRow, TorchBuild, load_table
-from qlc.compiler.explain import grad_accum
 from qlc.compiler.plan import BaseImage, LockRef, Plan, Stack
+from qlc.compiler.settle import SettleError, settle
 from qlc.compiler.spec import Runtime, Spec
 
 
@@ -164,13 +164,6 @@ def _min_driver(runtime: Runtime, cuda: str, table: CompatTable) -> str:
     return str(floor.min_driver)
 
 
-def _effective(spec: Spec) -> dict[str, Any]:
-    """The spec as the script runs it: derived values (grad_accum) filled in."""
-    effective: dict[str, Any] = spec.model_dump(mode="json")
-    effective["train"]["grad_accum"] = grad_accum(spec)
-    return effective
-
-
 def resolve(
     spec: Spec,
     *,
@@ -193,11 +186,15 @@ def resolve(
     stack = _stack(build, image.python, table)
     if runtime.gpus > 0:
         _check_bitsandbytes(stack, table)
+    try:
+        sections = settle(spec)
+    except SettleError as error:
+        raise ResolveError(error.key, str(error)) from None
     return Plan(
         qlc_version=qlc_version,
         spec_name=spec_name,
         spec_sha256=spec_sha256,
-        spec=_effective(spec),
+        **sections,
         base_image=BaseImage(
             repository=image.repository,
             tag=image.tag,

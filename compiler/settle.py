@@ -1,0 +1,330 @@
+"""settle: the spec's training settings -> the typed sections of the plan, decided once.
+
+Every effective value is decided here: the engine's path, the dtype of each part of the
+computation, the optimizer that runs and its state precision, recomputation, examples per step
+for the world size, warmup. A combination an engine cannot honour is a SettleError naming the
+spec key and the fix; a value that differs from what the spec wrote because another spec value
+asked for it (train.memory = "lean") is a Substitution. Nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlc.compiler.plan import (
+    DataPlan,
+    Dtype,
+    EnginePlan,
+    JobPlan,
+    LoraPlan,
+    ModelPlan,
+    OptimizerPlan,
+    Precision,
+    QuantizationPlan,
+    RuntimePlan,
+    Schedule,
+    Substitution,
+    TrainPlan,
+)
+from qlc.compiler.spec import Spec
+
+# train.memory = "lean": the 8-bit states of each 32-bit AdamW (bitsandbytes).
+LEAN_OPTIMIZERS = {
+    "adamw_torch": "adamw_8bit",
+    "adamw_torch_fused": "adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_8bit",
+}
+OPTIMIZERS: dict[str, tuple[str, int, bool]] = {  # name -> (update rule, state bits, paged)
+    "adamw_torch": ("adamw", 32, False),
+    "adamw_torch_fused": ("adamw", 32, False),
+    "paged_adamw_32bit": ("adamw", 32, True),
+    "paged_adamw_8bit": ("adamw", 8, True),
+    "adamw_8bit": ("adamw", 8, False),
+    "adafactor": ("adafactor", 32, False),
+    "sgd": ("sgd", 0, False),
+}
+MIXED_PRECISION: dict[str, Dtype | None] = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+# The fast engine's own decoder models these architectures; others train through the model's
+# forward on padded batches (same mathematics, slower).
+FAST_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class SettleError(ValueError):
+    """A spec value no engine setting can honour; `key` names it for the diagnostic."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def job_plan(spec: Spec) -> JobPlan:
+    job = spec.job
+    return JobPlan(
+        name=job.name, seed=job.seed, deterministic=job.deterministic, output_dir=job.output_dir
+    )
+
+
+def model_plan(spec: Spec) -> ModelPlan:
+    model = spec.model
+    return ModelPlan(
+        hub_id=model.id,
+        revision=model.revision,
+        local_path=model.path,
+        tokenizer=model.tokenizer,
+        trust_remote_code=model.trust_remote_code,
+        architecture=model.architecture,
+    )
+
+
+def data_plan(spec: Spec) -> DataPlan:
+    data = spec.data
+    if data.path is not None and (data.split != "train" or data.eval_split is not None):
+        raise SettleError(
+            "data.eval_split" if data.eval_split is not None else "data.split",
+            "data.split / data.eval_split name hub dataset splits; a local file is one split: "
+            "remove them and use data.eval_fraction",
+        )
+    return DataPlan(
+        hub_id=data.id,
+        revision=data.revision,
+        local_path=data.path,
+        file_format=data.file_format,  # type: ignore[arg-type]
+        split=data.split,
+        eval_split=data.eval_split,
+        eval_fraction=data.eval_fraction,
+        format=data.format,
+        text_field=data.text_field,
+        prompt_field=data.prompt_field,
+        input_field=data.input_field,
+        response_field=data.response_field,
+        template=data.template,
+        messages_field=data.messages_field,
+        loss=data.loss,
+        max_length=data.max_length,
+        packing=data.packing,
+    )
+
+
+def quantization_plan(spec: Spec) -> QuantizationPlan:
+    q = spec.quantization
+    return QuantizationPlan(
+        load_in_4bit=q.load_in_4bit,
+        quant_type=q.quant_type,
+        compute_dtype=q.compute_dtype,
+        double_quant=q.double_quant,
+        storage_dtype=q.storage_dtype,
+    )
+
+
+def lora_plan(spec: Spec) -> LoraPlan:
+    lora = spec.lora
+    targets = lora.target_modules
+    return LoraPlan(
+        r=lora.r,
+        alpha=lora.alpha,
+        scale=lora.alpha / lora.r,
+        dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=targets if targets == "all-linear" else sorted(targets),
+        modules_to_save=list(lora.modules_to_save),
+    )
+
+
+def runtime_plan(spec: Spec) -> RuntimePlan:
+    runtime, model, data = spec.runtime, spec.model, spec.data
+    return RuntimePlan(
+        gpus=runtime.gpus,
+        distributed=runtime.distributed,
+        shm_size=runtime.shm_size,
+        env=dict(sorted(runtime.env.items())),
+        secrets=sorted(runtime.secrets),
+        needs_hub=model.id is not None or data.id is not None or model.tokenizer is not None,
+    )
+
+
+def schedule(spec: Spec) -> Schedule:
+    train = spec.train
+    world = max(spec.runtime.gpus, 1)
+    if train.examples_per_step is not None:
+        accum = train.examples_per_step // (train.batch_size * world)
+    else:
+        accum = train.grad_accum
+    return Schedule(
+        max_steps=train.max_steps,
+        epochs=None if train.max_steps is not None else (train.epochs or 1.0),
+        batch_size=train.batch_size,
+        grad_accum=accum,
+        world_size=world,
+        examples_per_step=train.batch_size * accum * world,
+        keep_examples_per_step=train.examples_per_step is not None,
+        lr_scheduler=train.lr_scheduler,
+        warmup_steps=train.warmup_steps,
+        warmup_ratio=train.warmup_ratio or 0.0,
+        group_by_length=train.group_by_length,
+        logging_steps=train.logging_steps,
+        eval_steps=train.eval_steps if spec.data.has_eval else None,
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+    )
+
+
+def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
+    train = spec.train
+    name = train.optimizer
+    if train.memory == "lean" and name in LEAN_OPTIMIZERS:
+        name = LEAN_OPTIMIZERS[train.optimizer]
+        subs.append(
+            Substitution(
+                key="train.optimizer",
+                written=train.optimizer,
+                effective=name,
+                why='train.memory = "lean" keeps the optimizer states in 8 bits',
+            )
+        )
+    update, bits, paged = OPTIMIZERS[name]
+    return OptimizerPlan(
+        name=name,
+        update=update,  # type: ignore[arg-type]
+        state_bits=bits,  # type: ignore[arg-type]
+        paged=paged and spec.runtime.gpus > 0,  # bitsandbytes pages only CUDA memory
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm if train.max_grad_norm > 0 else None,
+    )
+
+
+def precision(spec: Spec, engine: str) -> Precision:
+    q, train = spec.quantization, spec.train
+    autocast = MIXED_PRECISION[train.mixed_precision]
+    if autocast == "float16" and spec.runtime.gpus == 0:
+        raise SettleError(
+            "train.mixed_precision",
+            'fp16 autocast (with loss scaling) needs a GPU: on CPU use "bf16" or "no"',
+        )
+    if engine == "reference":
+        # peft's prepare_model_for_kbit_training keeps every weight that is not 4-bit (norms,
+        # embeddings, head) in float32, so the residual stream between the matmuls is float32.
+        activations: Dtype = "float32" if q.load_in_4bit else q.compute_dtype
+    else:
+        activations = q.compute_dtype
+    return Precision(
+        base_matmul=q.compute_dtype,
+        adapter_weights="float32",
+        adapter_compute=autocast or "float32",
+        activations=activations,
+        logits="float32",
+        loss_scaling=autocast == "float16",
+    )
+
+
+def recompute_for(spec: Spec, engine: str, subs: list[Substitution]) -> str:
+    train = spec.train
+    if train.memory == "lean":
+        if not train.gradient_checkpointing:
+            subs.append(
+                Substitution(
+                    key="train.gradient_checkpointing",
+                    written=False,
+                    effective=True,
+                    why='train.memory = "lean" recomputes every decoder layer in the backward '
+                    "pass",
+                )
+            )
+        return "every-layer"
+    if engine == "fast" and spec.runtime.gpus > 0:
+        # The fast engine keeps activations when they fit the free GPU memory (its whole
+        # speed-up over recomputation); gradient_checkpointing = false forbids recomputing.
+        return "when-short" if train.gradient_checkpointing else "none"
+    return "every-layer" if train.gradient_checkpointing else "none"
+
+
+def fast_path(spec: Spec) -> tuple[str, str]:
+    """(path, batches) of the fast engine for this spec: its own decoder, or the model's
+    forward on padded batches for what the decoder does not model."""
+    lora = spec.lora
+    reasons = []
+    if spec.model.architecture not in FAST_ARCHITECTURES:
+        reasons.append(f"model.architecture = {spec.model.architecture!r}")
+    if lora.bias != "none":
+        reasons.append(f"lora.bias = {lora.bias!r}")
+    if lora.modules_to_save:
+        reasons.append("lora.modules_to_save")
+    if not spec.quantization.load_in_4bit:
+        reasons.append("quantization.load_in_4bit = false")
+    if reasons:
+        return "generic: the model's forward on padded batches (" + ", ".join(reasons) + ")", (
+            "padded"
+        )
+    return "padding-free decoder (fused q|k|v and gate|up, fused LoRA)", "padding-free"
+
+
+def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
+    train, runtime = spec.train, spec.runtime
+    engine = train.engine
+    distributed = "single" if runtime.gpus < 2 else runtime.distributed
+    if engine == "fast":
+        _check_fast(spec)
+        path, batches = fast_path(spec)
+        lean = train.memory == "lean"
+        if lean:
+            base = "streamed" if runtime.gpus > 0 else "4bit"
+        else:
+            base = "dequantized" if batches == "padding-free" else "4bit"
+        attention = (
+            "varlen flash attention within each example (SDPA per example where the GPU has "
+            "no varlen kernel; recorded)"
+            if batches == "padding-free"
+            else "the model's SDPA on padded batches"
+        )
+        loss = "chunked" if lean else "full"
+    else:
+        path, batches = "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)", "padded"
+        base, loss = "4bit", "full"
+        attention = "the model's SDPA on padded batches"
+    return EnginePlan(
+        name=engine,
+        memory=train.memory,
+        path=path,
+        batches=batches,  # type: ignore[arg-type]
+        base_weights=base,  # type: ignore[arg-type]
+        recompute=recompute_for(spec, engine, subs),  # type: ignore[arg-type]
+        attention=attention,
+        loss=loss,  # type: ignore[arg-type]
+        precision=precision(spec, engine),
+        optimizer=optimizer_plan(spec, subs),
+        distributed=distributed,  # type: ignore[arg-type]
+    )
+
+
+def _check_fast(spec: Spec) -> None:
+    if spec.data.packing:
+        raise SettleError(
+            "data.packing",
+            'the fast engine trains padding-free batches and does not pack examples: set '
+            'data.packing = false (nothing is padded, so packing gains nothing), or use '
+            'train.engine = "reference"',
+        )
+    if spec.runtime.gpus > 1 and spec.runtime.distributed == "fsdp":
+        raise SettleError(
+            "runtime.distributed",
+            f"the fast engine keeps the whole model in each of the {spec.runtime.gpus} "
+            'processes: use runtime.distributed = "ddp", or train.engine = "reference" to '
+            "shard the model",
+        )
+
+
+def settle(spec: Spec) -> dict[str, Any]:
+    """The plan's sections decided from the spec: {section: value, "substitutions": [...]}.
+    SettleError for a combination no engine honours."""
+    subs: list[Substitution] = []
+    engine = engine_plan(spec, subs)
+    return {
+        "job": job_plan(spec),
+        "model": model_plan(spec),
+        "data": data_plan(spec),
+        "quantization": quantization_plan(spec),
+        "lora": lora_plan(spec),
+        "train": TrainPlan(schedule=schedule(spec), engine=engine),
+        "runtime": runtime_plan(spec),
+        "substitutions": subs,
+    }
