@@ -152,9 +152,7 @@ class LoraPlan(Frozen):
 # ---------------------------------------------------------------------------------------------
 # How it trains.
 class OptimizerPlan(Frozen):
-    name: Annotated[
-        str, Field(description="The optimizer that runs (transformers' optim name).")
-    ]
+    name: Annotated[str, Field(description="The optimizer that runs (transformers' optim name).")]
     update: Literal["adamw", "sgd", "adafactor"]
     state_bits: Annotated[
         Literal[0, 8, 32], Field(description="Precision of the optimizer states (0: none).")
@@ -391,8 +389,11 @@ class Plan(Frozen):
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),
-            ("eval_metric", "token-weighted cross-entropy" if d.has_eval else None,
-             "data.eval_split / data.eval_fraction"),  # fmt: skip
+            (
+                "eval_metric",
+                "token-weighted cross-entropy" if d.has_eval else None,
+                "data.eval_split / data.eval_fraction",
+            ),  # fmt: skip
             ("seed", self.job.seed, "job.seed"),
             ("deterministic", self.job.deterministic, "job.deterministic"),
         ]

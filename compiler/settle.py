@@ -226,8 +226,7 @@ def recompute_for(spec: Spec, engine: str, subs: list[Substitution]) -> str:
                     key="train.gradient_checkpointing",
                     written=False,
                     effective=True,
-                    why='train.memory = "lean" recomputes every decoder layer in the backward '
-                    "pass",
+                    why='train.memory = "lean" recomputes every decoder layer in the backward pass',
                 )
             )
         return "every-layer"
@@ -300,8 +299,8 @@ def _check_fast(spec: Spec) -> None:
     if spec.data.packing:
         raise SettleError(
             "data.packing",
-            'the fast engine trains padding-free batches and does not pack examples: set '
-            'data.packing = false (nothing is padded, so packing gains nothing), or use '
+            "the fast engine trains padding-free batches and does not pack examples: set "
+            "data.packing = false (nothing is padded, so packing gains nothing), or use "
             'train.engine = "reference"',
         )
     if spec.runtime.gpus > 1 and spec.runtime.distributed == "fsdp":

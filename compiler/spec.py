@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from qlc.contract import reserved_env
+
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
 JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -29,7 +31,8 @@ URI_SCHEMES = ("s3://", "gs://", "az://")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # No NaN or infinity anywhere: no spec float means anything at either.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RuleError(ValueError):
@@ -469,6 +472,9 @@ class Runtime(Section):
     @classmethod
     def _env_values(cls, value: dict[str, str]) -> dict[str, str]:
         for name, text in value.items():
+            reserved = reserved_env(name)
+            if reserved is not None:
+                raise RuleError(name, f"a spec may not set {name}: {reserved}")
             if "\x00" in text:
                 raise RuleError(name, "must not contain a NUL byte")
         return value

@@ -510,7 +510,7 @@ def export_command(
     from qlc.runtime.export import ExportError, export, write_export
 
     plan = compile_path(spec).plan
-    job = str(plan.spec["job"]["name"])
+    job = plan.job.name
     if image is None:
         with runtime_errors():
             record = records.job_build(Path.cwd(), job)

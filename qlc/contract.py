@@ -30,7 +30,9 @@ ENV_IMAGE_ID = "QLC_IMAGE_ID"  # the image the run ran in (recorded in the manif
 ENV_IMAGE_DIGEST = "QLC_IMAGE_DIGEST"  # its registry digest, when it was pushed
 ENV_BASE_IMAGE = "QLC_BASE_IMAGE"  # the base image it was built FROM
 ENV_RUN_ID = "QLC_RUN_ID"  # the run's id, fixed by the launcher (stable across retries)
-ENV_USER_ERROR_FILE = "QLC_USER_ERROR_FILE"  # launcher <-> rank 0: "the run stopped on a user error"
+ENV_USER_ERROR_FILE = (
+    "QLC_USER_ERROR_FILE"  # launcher <-> rank 0: "the run stopped on a user error"
+)
 ENV_PROFILE_STEPS = "QLC_PROFILE_STEPS"  # fast engine: print a profile of N steps (no numerics)
 
 # Every variable above: a spec's runtime.env may not set them (the launch path does).

@@ -153,7 +153,7 @@ def build(
     for warning in context.warnings:
         console.print(f"warning: {warning}", markup=False)
     plan = context.plan
-    job = str(plan.spec["job"]["name"])
+    job = plan.job.name
     base_ref = base_image or plan.base_image.reference
     key = image_key(context.content_hash, base_image)
     tag = image_tag(job, key)

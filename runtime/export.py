@@ -97,9 +97,8 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
         raise ExportError(f"--nodes must be at least 1 (got {options.nodes})")
     if options.retries < 0:
         raise ExportError(f"retries must be 0 or more (got {options.retries})")
-    runtime = plan.spec.get("runtime", {})
-    job = plan.spec["job"]
-    spec_gpus = int(runtime.get("gpus", 1))
+    runtime, job = plan.runtime, plan.job
+    spec_gpus = runtime.gpus
     gpus = spec_gpus if options.gpus_per_node is None else options.gpus_per_node
     if gpus < 0:
         raise ExportError(f"--gpus-per-node must be 0 or more (got {gpus})")
@@ -109,7 +108,7 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
             "the training script in the image checks on every node: request at least "
             f"{spec_gpus}, or lower runtime.gpus in the spec and rebuild"
         )
-    output_dir = str(job.get("output_dir", "runs"))
+    output_dir = job.output_dir
     is_uri = output_dir.startswith(OBJECT_STORE_SCHEMES)
     if not is_uri and options.volume is None:
         raise ExportError(
@@ -117,17 +116,17 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions) -> JobShape:
             "set job.output_dir to an object-store URI (s3://, gs://, az://) in the spec, "
             "or pass --volume NAME (a Kubernetes PVC or an AWS EFS file system) for the runs"
         )
-    shm_size = str(runtime.get("shm_size", "16g"))
-    env = {**dict(runtime.get("env", {})), "QLC_IMAGE_DIGEST": image_ref}
+    shm_size = runtime.shm_size
+    env = {**runtime.env, "QLC_IMAGE_DIGEST": image_ref}
     return JobShape(
-        name=str(job["name"]),
+        name=job.name,
         image=image_ref,
         nodes=options.nodes,
         gpus=int(gpus),
         shm_size=shm_size,
         shm_bytes=size_in_bytes(shm_size),
         env=dict(sorted(env.items())),
-        secrets=sorted(runtime.get("secrets", [])),
+        secrets=sorted(runtime.secrets),
         output_uri=output_dir if is_uri else None,
         output_volume=options.volume,
         output_subdir=None if is_uri else output_dir,
