@@ -24,4 +24,4 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy compiler
+	$(VENV)/bin/mypy compiler qlc/contract.py qlc/trainer

@@ -1,5 +1,6 @@
-"""explain: every effective value of a spec, whether the spec or a default set it, and the
-preflight memory estimate (compiler/memory.py) shown as lines."""
+"""explain: what will train (the plan's resolved settings and substitutions), every value of the
+spec and whether the spec or a default set it, and the preflight memory estimate
+(compiler/memory.py) shown as lines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qlc.compiler.memory import Fit, MemoryEstimate
+from qlc.compiler.plan import Plan
 from qlc.compiler.shapes import GIB
 from qlc.compiler.spec import Spec
 
@@ -47,47 +49,32 @@ def _walk(model: BaseModel, prefix: str, from_spec: bool) -> list[Setting]:
     return settings
 
 
-def grad_accum(spec: Spec) -> int:
-    """Accumulation steps: explicit, or derived so examples per step stay as the spec says."""
-    if spec.train.examples_per_step is None:
-        return int(spec.train.grad_accum)
-    per_pass = int(spec.train.batch_size) * max(int(spec.runtime.gpus), 1)
-    return int(spec.train.examples_per_step) // per_pass
-
-
-def derived(spec: Spec) -> list[Setting]:
-    """Values qlc computes from several settings, shown so nobody has to do the arithmetic."""
-    devices = max(spec.runtime.gpus, 1)
-    accumulation = grad_accum(spec)
-    per_step = spec.train.batch_size * accumulation * devices
-    return [
-        Setting("derived.devices", devices, "derived", "data-parallel processes (GPUs, or 1 CPU)"),
-        Setting(
-            "derived.per_device_batch",
-            spec.train.batch_size,
-            "derived",
-            "examples per device per micro-batch",
-        ),
-        Setting(
-            "derived.grad_accum",
-            accumulation,
-            "derived",
-            "micro-batches accumulated per optimizer step (from examples_per_step if set)",
-        ),
-        Setting(
-            "derived.examples_per_optimizer_step",
-            per_step,
-            "derived",
-            "batch_size x grad_accum x devices (data-parallel processes)",
-        ),
-        Setting("derived.lora_scale", spec.lora.alpha / spec.lora.r, "derived", "alpha / r"),
-        Setting(
-            "derived.data_file_format",
-            spec.data.file_format,
-            "derived",
-            "from the data file's suffix (null for hub datasets)",
-        ),
+def settings_lines(plan: Plan) -> list[str]:
+    """What will train: every resolved setting with the spec keys it came from, then every
+    substitution (a value that differs from what the spec wrote, and why)."""
+    rows = plan.settings()
+    width = max(len(row.name) for row in rows)
+    lines = ["settings (what will train, each from the spec keys named):"]
+    lines += [
+        f"  {row.name:<{width}}  {json.dumps(row.value, ensure_ascii=False)}  ({row.source})"
+        for row in rows
     ]
+    if plan.substitutions:
+        lines.append("substitutions (the spec asked for them):")
+        lines += [
+            f"  {s.key}: {json.dumps(s.written)} -> {json.dumps(s.effective)}: {s.why}"
+            for s in plan.substitutions
+        ]
+    else:
+        lines.append("substitutions: none (everything trains as the spec wrote it)")
+    return lines
+
+
+def settings_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "settings": {r.name: {"value": r.value, "source": r.source} for r in plan.settings()},
+        "substitutions": [s.model_dump(mode="json") for s in plan.substitutions],
+    }
 
 
 def memory_lines(result: MemoryEstimate, fit: Fit | None) -> list[str]:

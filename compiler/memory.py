@@ -1,9 +1,9 @@
 """The preflight memory estimate: predicted peak GPU memory of one training process.
 
 The estimate is a sum of named terms, in bytes, each derived from the model's shape and the
-spec the way the engine that runs it allocates memory: templates/train.py.j2 with trl's
-SFTTrainer for train.engine = "reference", templates/fast_engine.py for "fast" (its "standard"
-and "lean" memory settings). What it predicts is torch's peak *reserved* memory
+plan the way the engine that runs it allocates memory: qlc/trainer/reference.py with trl's
+SFTTrainer for train.engine = "reference", qlc/trainer/fast for "fast" (its "standard" and
+"lean" memory settings). What it predicts is torch's peak *reserved* memory
 (`torch.cuda.max_memory_reserved`, what bench/run.py measures). The CUDA context and paged
 optimizer states (bitsandbytes' unified memory, evicted to the host under pressure) live outside
 that pool: they are shown apart, and `check_fit` adds the context. tests/compiler/test_memory.py
@@ -15,15 +15,12 @@ local model's config.json that the caller read (`qlc.compiler.shapes.shape_from_
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from qlc.compiler.plan import Plan
 from qlc.compiler.shapes import GIB, PROJECTIONS, Gpu, ModelShape, UnknownShape, known_shape
-from qlc.compiler.spec import Spec
 
 # Measured constants (each with where it comes from).
 # Reserved over allocated at the peak, from bench/results/2026-11-26-h100-call5.jsonl:
@@ -44,11 +41,6 @@ EIGHT_BIT_MIN = 4096  # smaller tensors keep 32-bit states
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl's chunked log-prob head
 LEAN_LOSS_CHUNK = 1024  # fast_engine.py: tokens per checkpointed loss chunk
 FAST_PLAN_MARGIN = 6 * GIB  # fast_engine.py _memory_plan's margin
-LEAN_OPTIMIZERS = {  # train.py.j2: the reference engine's 8-bit swap under memory = "lean"
-    "adamw_torch": "adamw_8bit",
-    "adamw_torch_fused": "adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_8bit",
-}
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -143,36 +135,38 @@ class Workload:
         return self.memory == "lean"
 
 
-def workload(spec: Spec) -> Workload:
-    train, lora = spec.train, spec.lora
+def workload(plan: Plan) -> Workload:
+    """What memory depends on, read from the plan's decided settings (never re-derived)."""
+    engine, schedule, lora = plan.engine, plan.schedule, plan.lora
     targets = (
         PROJECTIONS
         if lora.target_modules == "all-linear"
         else tuple(m for m in PROJECTIONS if m in lora.target_modules)
     )
     return Workload(
-        engine=train.engine,
-        memory=train.memory,
-        tokens=train.batch_size * spec.data.max_length,
+        engine=engine.name,
+        memory=engine.memory,
+        tokens=schedule.batch_size * plan.data.max_length,
         lora_r=lora.r,
         lora_dropout=lora.dropout,
         targets=targets,
-        optimizer=train.optimizer,
-        checkpointing=train.gradient_checkpointing or train.memory == "lean",
-        compute_dtype=spec.quantization.compute_dtype,
-        load_in_4bit=spec.quantization.load_in_4bit,
-        double_quant=spec.quantization.double_quant,
-        devices=max(spec.runtime.gpus, 1),
-        distributed=spec.runtime.distributed,
-        gpus=spec.runtime.gpus,
+        optimizer=engine.optimizer.name,
+        checkpointing=engine.recompute == "every-layer",
+        compute_dtype=plan.quantization.compute_dtype,
+        load_in_4bit=plan.quantization.load_in_4bit,
+        double_quant=plan.quantization.double_quant,
+        devices=schedule.world_size,
+        distributed=engine.distributed,
+        gpus=plan.runtime.gpus,
     )
 
 
-def shape_for(spec: Spec) -> ModelShape:
-    """The table's shape for the spec's model; UnknownShape says what to do otherwise."""
-    shape = known_shape(spec.model.id, spec.model.path)
+def shape_for(plan: Plan) -> ModelShape:
+    """The table's shape for the plan's model; UnknownShape says what to do otherwise."""
+    model = plan.model
+    shape = known_shape(model.hub_id, model.local_path)
     if shape is None:
-        what = f"model.id {spec.model.id!r}" if spec.model.id else f"model.path {spec.model.path!r}"
+        what = f"model.id {model.hub_id!r}" if model.hub_id else f"model.path {model.local_path!r}"
         raise UnknownShape(
             f"the shape of {what} is not known here (no hub access). "
             "Use a local model directory with a config.json (model.path), or add the model "
@@ -181,16 +175,16 @@ def shape_for(spec: Spec) -> ModelShape:
     return shape
 
 
-def estimate(spec: Spec, shape: ModelShape | None = None, gpu: Gpu | None = None) -> MemoryEstimate:
-    """Predicted peak reserved memory of one training process for `spec`.
+def estimate(plan: Plan, shape: ModelShape | None = None, gpu: Gpu | None = None) -> MemoryEstimate:
+    """Predicted peak reserved memory of one training process for `plan`.
 
-    `shape` defaults to the table's entry for the spec's model (UnknownShape if none). `gpu`
+    `shape` defaults to the table's entry for the plan's model (UnknownShape if none). `gpu`
     matters only where the engine picks its path from free memory (the fast engine's
     "standard" setting)."""
     from qlc.compiler import memory_terms as terms
 
-    shape = shape or shape_for(spec)
-    work = workload(spec)
+    shape = shape or shape_for(plan)
+    work = workload(plan)
     result: MemoryEstimate
     if work.engine == "reference":
         result = terms.reference(work, shape)
@@ -201,33 +195,16 @@ def estimate(spec: Spec, shape: ModelShape | None = None, gpu: Gpu | None = None
     return result
 
 
-def estimate_for_plan(
-    plan_or_spec: Plan | Spec | Mapping[str, Any],
-    shape: ModelShape | None = None,
-    gpu: Gpu | None = None,
-) -> MemoryEstimate:
-    """`estimate` for a compiled Plan, a Spec, or an effective spec mapping (plan.json's "spec")."""
-    if isinstance(plan_or_spec, Spec):
-        spec = plan_or_spec
-    else:
-        effective = dict(plan_or_spec.spec if isinstance(plan_or_spec, Plan) else plan_or_spec)
-        train = dict(effective.get("train", {}))
-        if train.get("examples_per_step") is not None:  # the plan carries the derived one too
-            train.pop("grad_accum", None)
-        spec = Spec.model_validate_json(json.dumps({**effective, "train": train}))
-    return estimate(spec, shape, gpu)
-
-
-def estimate_seed_recipe(spec: Spec, shape: ModelShape | None = None) -> MemoryEstimate:
+def estimate_seed_recipe(plan: Plan, shape: ModelShape | None = None) -> MemoryEstimate:
     """The seed recipe as written (bench/seed_recipe.py), which no spec setting expresses: the
     reference trainer without prepare_model_for_kbit_training, so the embeddings, lm_head and
     residual stream stay in the load dtype, and with trl's bf16 cast of the LoRA weights."""
     from qlc.compiler import memory_terms as terms
 
     work = replace(
-        workload(spec), engine="reference", memory="standard", upcast=False, lora_bytes=2
+        workload(plan), engine="reference", memory="standard", upcast=False, lora_bytes=2
     )
-    result: MemoryEstimate = terms.reference(work, shape or shape_for(spec))
+    result: MemoryEstimate = terms.reference(work, shape or shape_for(plan))
     return result
 
 

@@ -23,7 +23,6 @@ from qlc.compiler.memory import (
     EIGHT_BIT_MIN,
     FAST_PLAN_MARGIN,
     LEAN_LOSS_CHUNK,
-    LEAN_OPTIMIZERS,
     NESTED_BLOCK,
     OPTIM_BLOCK,
     PAGED_MIN,
@@ -49,7 +48,7 @@ def reference(w: Workload, s: ModelShape) -> MemoryEstimate:
         *_base_weights(w, s),
         _stored_embeddings(w, s),
         *_lora_terms(w, s, copy_bytes=None),
-        *_optimizer_terms(_reference_optimizer(w), _lora_tensors(w, s)),
+        *_optimizer_terms(w.optimizer, _lora_tensors(w, s)),
     ]
     if w.devices > 1 and w.distributed == "ddp":
         persistent.append(Term("ddp.buckets", _lora_numel(w, s) * FP32, "DDP gradient buckets"))
@@ -128,7 +127,7 @@ def _fast_standard_persistent(w: Workload, s: ModelShape, c: int, dequantize: bo
             "compute-dtype copies of the embeddings, lm_head and norms",
         ),
         *_lora_terms(w, s, copy_bytes=c),
-        *_optimizer_terms(_fast_optimizer(w), _lora_tensors(w, s)),
+        *_optimizer_terms(w.optimizer, _lora_tensors(w, s)),
     ]
     if dequantize:
         persistent.append(
@@ -183,7 +182,7 @@ def fast_lean(w: Workload, s: ModelShape) -> MemoryEstimate:
     persistent = [
         *base,
         *_lora_terms(w, s, copy_bytes=c),
-        *_optimizer_terms(_fast_optimizer(w), _lora_tensors(w, s)),
+        *_optimizer_terms(w.optimizer, _lora_tensors(w, s)),
     ]
     chunk = min(w.tokens, LEAN_LOSS_CHUNK)
     head = _stored_dtype_bytes(w)
@@ -362,20 +361,6 @@ def _lora_terms(w: Workload, s: ModelShape, copy_bytes: int | None) -> list[Term
         )
     )
     return terms
-
-
-def _reference_optimizer(w: Workload) -> str:
-    name: str = w.optimizer
-    return str(LEAN_OPTIMIZERS.get(name, name)) if w.lean else name
-
-
-def _fast_optimizer(w: Workload) -> str:
-    """fast_engine.make_optimizer: 8-bit (paged when lean or asked) or torch's fused AdamW."""
-    if w.optimizer in ("sgd", "adafactor"):
-        return str(w.optimizer)
-    if w.lean or w.optimizer == "paged_adamw_8bit":
-        return "paged_adamw_8bit"
-    return "adamw_8bit" if w.optimizer == "adamw_8bit" else "adamw_torch"
 
 
 def _optimizer_terms(name: str, tensors: list[int]) -> list[Term]:

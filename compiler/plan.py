@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from qlc.contract import EVAL_LOSS_DEFINITION
 
-PLAN_VERSION = 2
 Dtype = Literal["float16", "bfloat16", "float32"]
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 SMOKE_ROWS = 64
@@ -278,7 +277,14 @@ class EnginePlan(Frozen):
     loss: Literal["full", "chunked"]
     precision: Precision
     optimizer: OptimizerPlan
-    distributed: Literal["single", "ddp", "fsdp"]
+    distributed: Annotated[
+        Literal["ddp", "fsdp"],
+        Field(description="How several processes share the work (one process: neither)."),
+    ]
+
+    def sharded(self, world_size: int) -> bool:
+        """FSDP shards the model when more than one process trains (any number of nodes)."""
+        return self.distributed == "fsdp" and world_size > 1
 
 
 class TrainPlan(Frozen):
@@ -314,7 +320,7 @@ class SettingRow(Frozen):
 
 
 class Plan(Frozen):
-    version: Literal[2] = PLAN_VERSION
+    version: Literal[2] = 2
     qlc_version: str
     spec_name: Annotated[str, Field(description="Spec file name as given to the compiler.")]
     spec_sha256: Annotated[str, Field(description="sha256 of the spec file's bytes.")]
@@ -355,7 +361,7 @@ class Plan(Frozen):
             ("recompute", e.recompute, "train.gradient_checkpointing, train.memory"),
             ("attention", e.attention, "train.engine"),
             ("loss", e.loss, "train.memory"),
-            ("distributed", e.distributed, "runtime.gpus, runtime.distributed"),
+            ("distributed", e.distributed, "runtime.distributed (with several processes)"),
             ("base_matmul_dtype", p.base_matmul, "quantization.compute_dtype"),
             ("adapter_weights_dtype", p.adapter_weights, "peft (LoRA weights in float32)"),
             ("adapter_compute_dtype", p.adapter_compute, "train.mixed_precision"),
@@ -389,11 +395,7 @@ class Plan(Frozen):
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),
-            (
-                "eval_metric",
-                "token-weighted cross-entropy" if d.has_eval else None,
-                "data.eval_split / data.eval_fraction",
-            ),  # fmt: skip
+            ("eval_metric", _eval_text(d), "data.eval_split / data.eval_fraction"),
             ("seed", self.job.seed, "job.seed"),
             ("deterministic", self.job.deterministic, "job.deterministic"),
         ]
@@ -429,7 +431,6 @@ class Plan(Frozen):
         engine = self.engine.model_copy(
             update={
                 "precision": fp32,
-                "distributed": "single",
                 "base_weights": "4bit" if self.engine.base_weights == "streamed" else
                 self.engine.base_weights,
                 "recompute": "none" if self.engine.recompute == "when-short" else
@@ -453,6 +454,10 @@ class Plan(Frozen):
                 "runtime": self.runtime.model_copy(update={"gpus": 0, "distributed": "ddp"}),
             }
         )
+
+
+def _eval_text(data: DataPlan) -> str | None:
+    return "token-weighted cross-entropy" if data.has_eval else None
 
 
 def _at_most(value: int | None, limit: int) -> int | None:

@@ -88,7 +88,7 @@ def data_plan(spec: Spec) -> DataPlan:
         hub_id=data.id,
         revision=data.revision,
         local_path=data.path,
-        file_format=data.file_format,  # type: ignore[arg-type]
+        file_format=data.file_format,
         split=data.split,
         eval_split=data.eval_split,
         eval_fraction=data.eval_fraction,
@@ -184,8 +184,8 @@ def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
     update, bits, paged = OPTIMIZERS[name]
     return OptimizerPlan(
         name=name,
-        update=update,  # type: ignore[arg-type]
-        state_bits=bits,  # type: ignore[arg-type]
+        update=update,
+        state_bits=bits,
         paged=paged and spec.runtime.gpus > 0,  # bitsandbytes pages only CUDA memory
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
@@ -260,7 +260,6 @@ def fast_path(spec: Spec) -> tuple[str, str]:
 def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
     train, runtime = spec.train, spec.runtime
     engine = train.engine
-    distributed = "single" if runtime.gpus < 2 else runtime.distributed
     if engine == "fast":
         _check_fast(spec)
         path, batches = fast_path(spec)
@@ -284,14 +283,14 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
         name=engine,
         memory=train.memory,
         path=path,
-        batches=batches,  # type: ignore[arg-type]
-        base_weights=base,  # type: ignore[arg-type]
-        recompute=recompute_for(spec, engine, subs),  # type: ignore[arg-type]
+        batches=batches,
+        base_weights=base,
+        recompute=recompute_for(spec, engine, subs),
         attention=attention,
-        loss=loss,  # type: ignore[arg-type]
+        loss=loss,
         precision=precision(spec, engine),
         optimizer=optimizer_plan(spec, subs),
-        distributed=distributed,  # type: ignore[arg-type]
+        distributed=runtime.distributed,
     )
 
 
@@ -303,12 +302,11 @@ def _check_fast(spec: Spec) -> None:
             "data.packing = false (nothing is padded, so packing gains nothing), or use "
             'train.engine = "reference"',
         )
-    if spec.runtime.gpus > 1 and spec.runtime.distributed == "fsdp":
+    if spec.runtime.distributed == "fsdp":
         raise SettleError(
             "runtime.distributed",
-            f"the fast engine keeps the whole model in each of the {spec.runtime.gpus} "
-            'processes: use runtime.distributed = "ddp", or train.engine = "reference" to '
-            "shard the model",
+            "the fast engine is data parallel (the whole 4-bit model in every process): use "
+            'runtime.distributed = "ddp", or train.engine = "reference" to shard the model',
         )
 
 

@@ -19,7 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from qlc import __version__
-from qlc.compiler.explain import derived, explain, memory_json, memory_lines
+from qlc.compiler.explain import (
+    explain,
+    memory_json,
+    memory_lines,
+    settings_json,
+    settings_lines,
+)
 from qlc.compiler.load import SpecError, load_spec_file
 from qlc.compiler.spec import Spec
 
@@ -122,19 +128,23 @@ def explain_command(
         typer.Option("--gpu", help="Check the memory estimate against this GPU, e.g. H100, L4."),
     ] = None,
 ) -> None:
-    """Show every effective setting, its value, whether the spec or a default set it, and the
+    """Show what will train (every resolved setting, the spec keys it came from, and every
+    substitution), every spec value and whether the spec or a default set it, and the
     predicted peak GPU memory of training (with --gpu: whether it fits that card)."""
+    from qlc.compiler.context import plan_spec
     from qlc.compiler.memory import check_fit, estimate
     from qlc.compiler.shapes import UnknownGpu, UnknownShape, find_gpu
 
-    loaded, warnings = load_spec_file(spec)
+    source, _ = read_spec_and_lock(spec)
+    plan, warnings = plan_spec(source, str(spec))
+    loaded, _ = load_spec_file(spec)
     try:
         card = find_gpu(gpu) if gpu is not None else None
     except UnknownGpu as error:
         raise UserError(f"error: --gpu: {error}") from None
-    rows = explain(loaded) + derived(loaded)
+    rows = explain(loaded)
     try:
-        memory = estimate(loaded, local_model_shape(spec, loaded), card)
+        memory = estimate(plan, local_model_shape(spec, loaded), card)
         fit = check_fit(memory, card) if card is not None else None
         memory_out: dict[str, object] = memory_json(memory, fit)
         memory_text = memory_lines(memory, fit)
@@ -142,18 +152,20 @@ def explain_command(
         memory_out, memory_text = {"error": str(error)}, [f"no memory estimate: {error}"]
     if as_json:
         shown: dict[str, object] = {r.key: {"value": r.value, "source": r.source} for r in rows}
-        out.print_json(json.dumps({**shown, "memory": memory_out}))
+        out.print_json(json.dumps({**settings_json(plan), "spec": shown, "memory": memory_out}))
         return
     print_warnings([str(w) for w in warnings])
+    out.print("\n".join(settings_lines(plan)) + "\n", markup=False)
     if out.is_terminal:
-        table = Table("key", "value", "from", "meaning", title=str(spec))
+        table = Table("key", "value", "from", "meaning", title=f"{spec}: every spec value")
         for row in rows:
             table.add_row(row.key, row.shown, row.source, row.description)
         out.print(table)
     else:
+        out.print("spec (every value, from the spec or a default):", markup=False)
         width = max(len(row.key) for row in rows)
         for row in rows:
-            out.print(f"{row.key:<{width}}  {row.shown}  ({row.source})", markup=False)
+            out.print(f"  {row.key:<{width}}  {row.shown}  ({row.source})", markup=False)
     out.print("\n" + "\n".join(memory_text), markup=False)
 
 
@@ -364,21 +376,37 @@ def run_command(
     resume: Annotated[
         Path | None,
         typer.Option(
-            "--resume", help="Continue in this run directory from its last complete checkpoint."
+            "--resume",
+            help="Continue an unfinished run of the same plan in this run directory, from its "
+            "last complete checkpoint.",
+        ),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            help="NAME=VALUE for the training process (repeat). Yours to set, including what a "
+            "spec may not (PYTHONPATH, HF_ENDPOINT, ...).",
         ),
     ] = None,
 ) -> None:
     """Run a training job in a container (GPU passthrough), or --local; writes a manifest."""
+    from qlc.runtime.launch import LaunchError, parse_env_options
     from qlc.runtime.run import RunFailed, run
 
     if resume is not None and not resume.is_dir():
         raise UserError(f"--resume {resume}: no such run directory")
+    try:
+        extra = parse_env_options(env or [])
+    except LaunchError as error:
+        raise UserError(str(error)) from None
     with runtime_errors():
         try:
-            result = run(
-                target, local=local, smoke=smoke, base_image=base_image, gpus=gpus, run_dir=resume
-            )
+            result = run(target, local=local, smoke=smoke, base_image=base_image, gpus=gpus,
+                         run_dir=resume, extra_env=extra)  # fmt: skip
         except RunFailed as failure:
+            if failure.user_error:
+                raise UserError(str(failure)) from None
             raise RunFailure(str(failure)) from None
     out.print(f"{result.run_dir}: {result.status} (manifest.json, report.md)", markup=False)
 
@@ -392,12 +420,16 @@ def reproduce_command(
             "--rebuild", help="Build from the spec even if the recorded image is still there."
         ),
     ] = False,
+    local: Annotated[
+        bool,
+        typer.Option("--local", help="Rerun in this Python, no Docker (as `qlc run --local`)."),
+    ] = False,
 ) -> None:
     """Rerun a recorded run; print a verdict per item. Exit 0 reproduced, 1 not."""
     from qlc.runtime.reproduce import reproduce
 
     with runtime_errors():
-        result = reproduce(manifest, reuse_image=not rebuild)
+        result = reproduce(manifest, reuse_image=not rebuild, local=local)
     for verdict in result.verdicts:
         mark = "ok  " if verdict.ok else "DIFF"
         out.print(f"{mark} {verdict.item}: {verdict.detail}", markup=False)
@@ -541,13 +573,14 @@ def runtime_errors() -> Iterator[None]:
     """Map the runtime's errors: the user's to UserError (exit 2), the run's to RunFailure."""
     from qlc.runtime.build import BuildFailure, SpecInputError
     from qlc.runtime.docker_engine import EngineError
+    from qlc.runtime.launch import LaunchError
     from qlc.runtime.records import RecordError
     from qlc.runtime.reproduce import ReproduceError
     from qlc.runtime.run import RunInputError
 
     try:
         yield
-    except (SpecInputError, RunInputError, RecordError, ReproduceError) as error:
+    except (SpecInputError, RunInputError, RecordError, ReproduceError, LaunchError) as error:
         raise UserError(str(error)) from None
     except (EngineError, BuildFailure) as error:
         raise RunFailure(str(error)) from None

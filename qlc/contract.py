@@ -273,14 +273,14 @@ MANIFEST_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 RUN_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "run_id": ((_STR, _NONE), True),
-    "seed": ((_INT,), True),
-    "deterministic": ((_BOOL,), True),
-    "smoke": ((_BOOL,), True),
+    "seed": ((_INT, _NONE), True),
+    "deterministic": ((_BOOL, _NONE), True),
+    "smoke": ((_BOOL, _NONE), True),
     "engine": ((_STR, _NONE), True),
-    "world_size": ((_INT,), True),
+    "world_size": ((_INT, _NONE), True),
     "examples_per_step": ((_INT, _NONE), True),
     "grad_accum": ((_INT, _NONE), True),
-    "started_at": ((_STR,), True),
+    "started_at": ((_STR, _NONE), True),
     "finished_at": ((_STR, _NONE), True),
     "resumed_from": ((_STR, _NONE), True),
 }
@@ -387,3 +387,48 @@ def subject_entries(names_and_digests: Mapping[str, str], prefix: str) -> list[d
         {"name": f"{prefix}{name}", "digest": {"sha256": digest}}
         for name, digest in sorted(names_and_digests.items())
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: a directory becomes a run's when qlc claims it with RUN_MARKER; a run never
+# writes into a directory it has not claimed, into another plan's run, or into a finished run.
+def claim_run_dir(directory: Path, plan_sha256: str, job: str, run_id: str | None) -> str | None:
+    """Claim `directory` for a run of the plan with `plan_sha256` (create it, or take it back
+    to resume); the reason it cannot be claimed, or None once it is claimed."""
+    marker = directory / RUN_MARKER
+    if directory.is_dir() and not marker.is_file():
+        foreign = sorted(p.name for p in directory.iterdir())
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            return (
+                f"{directory} is not a qlc run directory (it holds {shown} and no {RUN_MARKER}): "
+                "a run writes only into a new directory or one qlc made for the same plan"
+            )
+    elif marker.is_file():
+        try:
+            claimed = json.loads(read_nofollow(marker))
+        except (OSError, ValueError):
+            return f"{marker} is unreadable: this directory is not a run qlc can continue"
+        if not isinstance(claimed, dict) or claimed.get("plan_sha256") != plan_sha256:
+            other = claimed.get("job") if isinstance(claimed, dict) else None
+            return (
+                f"{directory} holds a run of another plan (job {other!r}): a run continues only "
+                "in a directory of its own plan; start a new run instead"
+            )
+        status = _manifest_status(directory / MANIFEST_FILE)
+        if status == "succeeded":
+            return f"{directory} holds a finished run (status succeeded): it is never rewritten"
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"plan_sha256": plan_sha256, "job": job, "run_id": run_id})
+    return None
+
+
+def _manifest_status(path: Path) -> str | None:
+    try:
+        data = json.loads(read_nofollow(path))
+    except (OSError, ValueError):
+        return None
+    predicate = data.get("predicate") if isinstance(data, dict) else None
+    status = predicate.get("status") if isinstance(predicate, dict) else None
+    return status if isinstance(status, str) else None

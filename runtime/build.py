@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from qlc import __version__
+from qlc.compiler.render import plan_json
+from qlc.contract import CONTEXT_MARKER
 from qlc.runtime.docker_engine import BuildError, DockerEngine, Engine, EngineError
 from qlc.runtime.progress import BuildProgress
-from qlc.runtime.records import BuildRecord, job_build, save_build, state_dir
+from qlc.runtime.records import BuildRecord, RecordError, job_build, save_build, state_dir
 
 if TYPE_CHECKING:
     from qlc.compiler.context import BuildContext
 
 CONTEXT_LABEL = "qlc.context.sha256"
 BASE_LABEL = "qlc.base-image"
-CONTEXT_MARKER = ".qlc-context"
+PLAN_LABEL = "qlc.plan"  # the image's plan: the build context's plan.json, what every run reads
 PULL_FAILURES = (
     "pull access denied",
     "manifest unknown",
@@ -109,6 +111,7 @@ def write_context_dir(context: BuildContext, project_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     for name, data in context.files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_bytes(data)
     (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
     if target.exists() and not context_matches(target, context):
@@ -129,7 +132,9 @@ def context_matches(directory: Path, context: BuildContext) -> bool:
     """True when the folder holds exactly the compiled files, byte for byte."""
     if not directory.is_dir():
         return False
-    present = {p.name for p in directory.iterdir()} - {CONTEXT_MARKER}
+    present = {
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()
+    } - {CONTEXT_MARKER}
     if present != set(context.files):
         return False
     return all((directory / name).read_bytes() == data for name, data in context.files.items())
@@ -159,7 +164,12 @@ def build(
     tag = image_tag(job, key)
     engine = engine or DockerEngine()
     engine.ping()
-    labels = {CONTEXT_LABEL: context.content_hash, BASE_LABEL: base_ref}
+    labels = {
+        CONTEXT_LABEL: context.content_hash,
+        BASE_LABEL: base_ref,
+        PLAN_LABEL: plan_json(plan).decode(),
+    }
+    _say_if_changed(project, job, plan.spec_sha256, compiled.spec_path, console)
     context_dir = write_context_dir(context, project)
     existing = engine.find_image(tag)
     cache_hit = existing is not None and all(existing.labels.get(k) == v for k, v in labels.items())
@@ -259,6 +269,22 @@ def explain_build_error(error: BuildError, base_ref: str, log_path: Path) -> str
             f"Full log: {log_path}"
         )
     return f"the image build failed: {message}\nlast lines:\n{tail}\nFull log: {log_path}"
+
+
+def _say_if_changed(
+    project: Path, job: str, spec_sha256: str, spec_path: Path, console: Console
+) -> None:
+    """`qlc run SPEC` builds first: say so when the spec changed since the job's last build."""
+    try:
+        previous = job_build(project, job)
+    except RecordError:
+        return
+    if previous is not None and previous.spec_sha256 != spec_sha256:
+        console.print(
+            f"{spec_path} changed since the last build of {job} ({previous.tag}): building "
+            "its image again",
+            markup=False,
+        )
 
 
 def _previous_log(project: Path, job: str, tag: str) -> str | None:

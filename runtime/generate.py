@@ -5,10 +5,9 @@ succeeded, every adapter file matches its sha256 in the manifest's subjects, the
 the manifest's plan_sha256, and the base model is the one training saw (local files with the
 recorded sha256 each, or the hub id at the recorded revision).
 
-Prompts go through the training script's own code: the plan renders train.py (pure, as
-`qlc compile` does) and its render functions (text / instruction template / chat template) and
-BitsAndBytes mapping are used here; `encode` applies training's token rule (special tokens
-added, a doubled BOS dropped), so a prompt becomes the tokens a training example started with.
+Prompts go through the trainer's own code (qlc.trainer: the render functions of text /
+instruction template / chat template, the 4-bit loading, the token rule: special tokens added,
+a doubled BOS dropped), so a prompt becomes the tokens a training example started with.
 """
 
 from __future__ import annotations
@@ -16,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-PLAN = "plan.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from qlc import contract
+from qlc.compiler.plan import Plan
+from qlc.contract import ADAPTER_FILES, sha256_file
+from qlc.contract import MANIFEST_FILE as MANIFEST
+from qlc.contract import PLAN_FILE as PLAN
+
 DOC_FILES = ("README.md", "loss.svg")  # may be written after the manifest hashed the adapter
 STATE_CONTEXTS = Path(".qlc") / "contexts"
 
@@ -45,28 +45,14 @@ class RunInputs:
     run_dir: Path
     manifest: dict[str, Any]
     manifest_sha256: str
-    plan: dict[str, Any]
+    plan: Plan  # the plan that ran (its smoke variant for a smoke run)
     adapter_dir: Path
     base: BaseModelRef
 
-    @property
-    def spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = self.plan["spec"]
-        return spec
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def hash_dir(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file, as the training script records a model."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+    """{relative path: sha256} of every file, as the trainer records a model."""
+    return contract.hash_tree(root)
 
 
 def read_manifest(run: Path) -> tuple[Path, dict[str, Any], str]:
@@ -137,25 +123,35 @@ def compiled_plan(spec_path: Path, spec_name: str) -> bytes | None:
     return plan
 
 
-def find_plan(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def find_plan(run_dir: Path, manifest: dict[str, Any]) -> Plan:
     """The run's plan, by its sha256: beside the run, in this project's build contexts, or
-    compiled again from the recorded spec (a plan is a pure function of spec and lock)."""
+    compiled again from the recorded spec (a plan is a pure function of spec and lock); the
+    smoke variant for a smoke run."""
     expected = manifest["predicate"].get("plan_sha256") or ""
+    smoke = bool((manifest["predicate"].get("run") or {}).get("smoke"))
     for path in [run_dir / PLAN, *sorted(STATE_CONTEXTS.glob(f"*/{PLAN}"))]:
         if path.is_file() and sha256_file(path) == expected:
-            plan: dict[str, Any] = json.loads(path.read_bytes())
-            return plan
+            return _plan(path.read_bytes(), smoke, path)
     spec_path = recorded_spec(manifest)
     spec_name = (manifest["predicate"].get("spec") or {}).get("name") or ""
     compiled = compiled_plan(spec_path, spec_name) if spec_path else None
     if compiled is not None and hashlib.sha256(compiled).hexdigest() == expected:
-        plan = json.loads(compiled)
-        return plan
+        return _plan(compiled, smoke, spec_path or run_dir)
     raise RunInputError(
         f"{run_dir}: no plan with the manifest's plan_sha256 {expected[:12]}... (looked in "
         f"{run_dir / PLAN}, {STATE_CONTEXTS}/*/ and the recorded spec "
         f"{spec_path or 'none'}): copy the run's build context's plan.json into the run directory"
     )
+
+
+def _plan(data: bytes, smoke: bool, where: Path) -> Plan:
+    try:
+        plan = Plan.model_validate_json(data)
+    except ValueError:
+        raise RunInputError(
+            f"{where}: the run's plan was made by another qlc version; use that version"
+        ) from None
+    return plan.for_smoke() if smoke else plan
 
 
 def check_model_files(path: Path, recorded: dict[str, str]) -> None:
@@ -225,50 +221,6 @@ def open_run(run: Path, base_model_path: Path | None = None) -> RunInputs:
     return RunInputs(run_dir, manifest, manifest_sha, plan, adapter, base)
 
 
-def training_script(plan: dict[str, Any]) -> types.ModuleType:
-    """The run's train.py, rendered from its plan and loaded as a module (nothing runs)."""
-    from qlc.compiler.plan import Plan
-    from qlc.compiler.render import render_files
-
-    source = render_files(Plan.model_validate(plan), b"", None)["train.py"].decode()
-    module = types.ModuleType("qlc_run_train_script")
-    module.__file__ = "train.py"
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    try:
-        exec(compile(source, "train.py", "exec"), module.__dict__)
-    finally:
-        del sys.modules[module.__name__]
-    return module
-
-
-def render_prompt(
-    script: types.ModuleType, spec: dict[str, Any], prompt: str, tokenizer: Any
-) -> str:
-    """The text a generation starts from, as training rendered the prompt part of an example."""
-    data = spec["data"]
-    if data["format"] == "text":
-        return prompt
-    if data["format"] == "instruction":
-        row = {data["prompt_field"]: prompt, data["response_field"]: ""}
-        return str(script.render_instruction(row, data, 0).prompt)
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-    return str(script.render_chat({data["messages_field"]: messages}, data, 0, tokenizer).prompt)
-
-
-def encode(prompt: str, tokenizer: Any) -> dict[str, Any]:
-    """Token ids as training made them: special tokens added, a doubled BOS dropped, no EOS."""
-    import torch
-
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
-        ids = ids[1:]  # the text starts with BOS and the tokenizer added another
-    if len(ids) > 1 and ids[-1] == eos and not prompt.endswith(str(tokenizer.eos_token)):
-        ids = ids[:-1]  # a tokenizer that appends EOS would end the answer before it starts
-    input_ids = torch.tensor([ids])
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
-
 def load_tokenizer(inputs: RunInputs) -> Any:
     from transformers import AutoTokenizer
 
@@ -278,24 +230,27 @@ def load_tokenizer(inputs: RunInputs) -> Any:
     return tokenizer
 
 
-def load_model(inputs: RunInputs, script: types.ModuleType, dtype: Any = None) -> Any:
-    """The base model as training loaded it (4-bit per the plan, compute dtype), or, given a
-    dtype, its full weights in that dtype."""
+def load_model(inputs: RunInputs, dtype: Any = None) -> Any:
+    """The base model as training loaded it (4-bit per the plan, its compute dtype; on a
+    machine without CUDA, float32 compute as the smoke variant), or, given a dtype, its full
+    weights in that dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    spec = inputs.spec
+    from qlc.trainer.model import bnb_config, torch_dtype
+
+    plan = inputs.plan
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
     if dtype is None:
-        trained = spec if cuda else script.smoke_spec(spec, cuda=False)  # CPU: float32 compute
-        kwargs["quantization_config"] = script.bnb_config(trained)  # None: not 4-bit
-        dtype = script.torch_dtype(trained["quantization"]["compute_dtype"])
+        quant = plan.quantization if cuda else plan.for_smoke().quantization
+        kwargs["quantization_config"] = bnb_config(quant)  # None: not 4-bit
+        dtype = torch_dtype(quant.compute_dtype)
     model: Any = AutoModelForCausalLM.from_pretrained(
         inputs.base.source,
         revision=inputs.base.revision,
         token=os.environ.get("HF_TOKEN") or None,
-        trust_remote_code=spec["model"]["trust_remote_code"],
+        trust_remote_code=plan.model.trust_remote_code,
         dtype=dtype,
         device_map={"": 0} if cuda else None,
         **kwargs,
@@ -309,17 +264,18 @@ def with_adapter(model: Any, inputs: RunInputs) -> Any:
     return PeftModel.from_pretrained(model, str(inputs.adapter_dir), is_trainable=False).eval()
 
 
-def complete(
-    model: Any, tokenizer: Any, text: str, max_new_tokens: int, sampling: dict[str, Any]
-) -> str:
-    import torch
+def render_prompt(plan: Plan, prompt: str, tokenizer: Any) -> str:
+    """The text a generation starts from, as training rendered the prompt part of an example."""
+    from qlc.trainer.render import prompt_text
 
-    enc = {k: v.to(model.device) for k, v in encode(text, tokenizer).items()}
-    with torch.no_grad():
-        ids = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
-        )
-    return str(tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return prompt_text(prompt, plan.data, tokenizer)
+
+
+def encode(prompt: str, tokenizer: Any) -> dict[str, Any]:
+    """Token ids as training made them (on the CPU)."""
+    from qlc.trainer.sample import encode as encode_ids
+
+    return encode_ids(tokenizer, prompt, "cpu")
 
 
 def generate(
@@ -342,13 +298,14 @@ def generate(
         raise RunInputError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     if temperature < 0:
         raise RunInputError(f"temperature must be 0 (greedy) or more (got {temperature})")
+    from qlc.trainer.sample import complete
+
     inputs = open_run(run, base_model_path)
-    script = training_script(inputs.plan)
     tokenizer = load_tokenizer(inputs)
-    model = load_model(inputs, script)
+    model = load_model(inputs)
     if use_adapter:
         model = with_adapter(model, inputs)
-    seed = inputs.spec["job"]["seed"] if seed is None else seed
+    seed = inputs.plan.job.seed if seed is None else seed
     sampling = {
         "do_sample": temperature > 0,
         **({"temperature": temperature} if temperature else {}),
@@ -356,6 +313,6 @@ def generate(
     answers = []
     for prompt in prompts:
         torch.manual_seed(seed)
-        text = render_prompt(script, inputs.spec, prompt, tokenizer)
-        answers.append(complete(model, tokenizer, text, max_new_tokens, sampling))
+        text = render_prompt(inputs.plan, prompt, tokenizer)
+        answers.append(complete(model, tokenizer, text, max_new_tokens, **sampling))
     return answers

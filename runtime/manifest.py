@@ -1,32 +1,29 @@
 """The run's manifest after the process ends: add the host's view, check, report.
 
-The training script writes manifest.json itself (status "running" at start, the final one
-last). After the container or process exits the runtime reads it back, adds `predicate.host`
-(how it ended, exit code, OOM kill, image, timings), re-hashes every subject against the
-files, turns a manifest still saying "running" into "failed" or "interrupted" with no
-subjects, writes it atomically, and records the sha256 of the final bytes beside it in
-`manifest.sha256` so a later edit by hand is detected. Then report.md and loss.png.
+The trainer writes manifest.json itself (status "running" at start, the final one last),
+following the contract's schema. After the container or process exits the runtime reads it
+back (checking the schema), adds `predicate.host` (how it ended, exit code, OOM kill, image,
+timings), re-hashes every subject and record against the files, turns a manifest still saying
+"running" into "failed" or "interrupted" with no subjects, writes report.md and loss.png and adds
+their hashes to the records, writes the manifest atomically, and records the sha256 of its
+final bytes beside it in `manifest.sha256` so a later edit by hand is detected.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from qlc import __version__
-from qlc.runtime.records import write_json_atomic
-
-MANIFEST = "manifest.json"
-MANIFEST_DIGEST = "manifest.sha256"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "urn:qlc:manifest:v1"
+from qlc import __version__, contract
+from qlc.contract import MANIFEST_DIGEST_FILE as MANIFEST_DIGEST
+from qlc.contract import MANIFEST_FILE as MANIFEST
+from qlc.contract import read_nofollow, sha256_file
+from qlc.contract import write_bytes_atomic as write_atomic
 
 
 @dataclass(frozen=True)
@@ -62,66 +59,52 @@ class FinalManifest:
     report_error: OSError | None = None  # report.md / loss.png could not be written
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_nofollow(path: Path) -> str:
-    """Text of a file the run wrote; a link in its place is refused (ELOOP), never followed."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read().decode("utf-8", errors="replace")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` (a link there included, which is replaced, not followed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest as written, or None when missing, unreadable or not a qlc statement."""
+    """The manifest as written, once it follows the schema; None when missing, unreadable or
+    not a qlc manifest of this version."""
     try:
-        data = json.loads(read_nofollow(path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return contract.read_manifest_file(path)
+    except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("predicate"), dict):
-        return None
-    return data
+
+
+def schema_problem(path: Path) -> str | None:
+    """Why the manifest at `path` cannot be read as a qlc manifest, or None when it can."""
+    try:
+        contract.read_manifest_file(path)
+    except FileNotFoundError:
+        return f"{path}: no manifest"
+    except contract.ManifestError as error:
+        return f"{path} does not follow the qlc manifest schema: {error}"
+    except (OSError, ValueError) as error:
+        return f"{path} is not readable JSON ({error})"
+    return None
 
 
 def check_subjects(run_dir: Path, data: dict[str, Any]) -> list[str]:
-    """Each subject's sha256 against the file in the run directory."""
+    """Each subject's and each record's sha256 against the file in the run directory."""
     problems = []
-    for subject in data.get("subject") or []:
-        name = str(subject.get("name", ""))
-        expected = (subject.get("digest") or {}).get("sha256")
+    named = [(str(s.get("name", "")), (s.get("digest") or {}).get("sha256"), "subject")
+             for s in data.get("subject") or []]  # fmt: skip
+    records = (data.get("predicate") or {}).get("records") or {}
+    named += [(str(name), digest, "record") for name, digest in records.items()]
+    for name, expected, what in named:
         path = (run_dir / name).resolve()
         if not path.is_relative_to(run_dir.resolve()) or not path.is_file():
-            problems.append(f"subject {name}: no such file in {run_dir}")
+            problems.append(f"{what} {name}: no such file in {run_dir}")
         elif sha256_file(path) != expected:
-            problems.append(f"subject {name}: sha256 differs from the file's")
+            problems.append(f"{what} {name}: sha256 differs from the file's")
     return problems
 
 
 def finalize(run_dir: Path, host: HostView) -> FinalManifest:
     """Read what the script wrote, make it truthful, add the host view, write it last."""
     path = run_dir / MANIFEST
-    data = read_manifest(path) or placeholder(host)
-    predicate = data["predicate"]
+    data = read_manifest(path)
     problems: list[str] = []
+    if data is None:
+        data = placeholder(host, schema_problem(path))
+    predicate = data["predicate"]
     status = str(predicate.get("status") or "failed")
     if status == "running" or (status == "succeeded" and host.ended != "exited"):
         status = "interrupted" if host.ended == "interrupted" else "failed"
@@ -142,17 +125,22 @@ def finalize(run_dir: Path, host: HostView) -> FinalManifest:
         data["subject"] = []  # never claim an adapter of a run that did not finish
     predicate["status"] = status
     predicate["host"] = {**asdict(host), "qlc_version": __version__, "problems": problems}
+    final = FinalManifest(path=path, status=status, data=data, problems=problems)
+    report_error = None
+    try:  # the report describes the final record; its hash goes into it
+        write_report(run_dir, final)
+    except OSError as error:
+        report_error = error
+    records = predicate.setdefault("records", {})
+    for name in contract.HOST_RECORDS:
+        if (run_dir / name).is_file() and report_error is None:
+            records[name] = sha256_file(run_dir / name)
     try:
-        write_json_atomic(path, data)
+        write_atomic(path, contract.manifest_bytes(data))
         write_digest(run_dir)
     except OSError as error:  # e.g. the disk is full
         return record_unwritable(run_dir, data, problems, error)
-    final = FinalManifest(path=path, status=status, data=data, problems=problems)
-    try:
-        write_report(run_dir, final)
-    except OSError as error:  # the manifest, the record that counts, is written
-        return replace(final, report_error=error)
-    return final
+    return replace(final, report_error=report_error)
 
 
 def write_digest(run_dir: Path) -> None:
@@ -205,17 +193,37 @@ def write_in_place(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def placeholder(host: HostView) -> dict[str, Any]:
-    """A manifest for a run whose script never wrote one (it did not start, or died early)."""
+def placeholder(host: HostView, problem: str | None) -> dict[str, Any]:
+    """A manifest for a run whose trainer wrote none (it did not start, or died early) or one
+    that is not a qlc manifest: a failed run, claiming nothing."""
+    why = f"no manifest from the trainer ({ending(host)})"
+    if problem is not None and not problem.endswith(": no manifest"):
+        why = f"{problem} ({ending(host)})"
     return {
-        "_type": STATEMENT_TYPE,
+        "_type": contract.STATEMENT_TYPE,
         "subject": [],
-        "predicateType": PREDICATE_TYPE,
+        "predicateType": contract.PREDICATE_TYPE,
         "predicate": {
+            "version": contract.MANIFEST_VERSION,
             "status": "failed",
             "qlc_version": __version__,
+            "spec": {},
+            "plan_sha256": None,
+            "lock_sha256": None,
             "image": {"id": host.image_id, "digest": None, "base": host.base_image},
-            "error": f"no manifest from the training script ({ending(host)})",
+            "inputs": {},
+            "run": {  # nothing is known of a run that recorded nothing
+                **dict.fromkeys(contract.RUN_SCHEMA),
+                "started_at": host.started_at,
+                "finished_at": host.finished_at,
+            },
+            "effective": {},
+            "substitutions": [],
+            "decisions": [],
+            "environment": {},
+            "metrics": {},
+            "records": {},
+            "error": why,
         },
     }
 
@@ -237,7 +245,7 @@ def manifest_edited(run_dir: Path) -> str | None:
         return f"{path}: no manifest"
     if not digest_file.is_file():
         return f"{digest_file}: missing, so the manifest cannot be checked"
-    words = read_nofollow(digest_file).split()
+    words = read_nofollow(digest_file).decode("utf-8", errors="replace").split()
     recorded = words[0] if words else ""
     if recorded != sha256_file(path):
         return f"{path} was changed after the run (its sha256 differs from {MANIFEST_DIGEST})"
@@ -247,11 +255,11 @@ def manifest_edited(run_dir: Path) -> str | None:
 def losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(step, loss) of training and of evaluation from metrics.jsonl."""
     train, evaluation = [], []
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / contract.METRICS_FILE
     if not path.is_file():
         return [], []
     try:
-        text = read_nofollow(path)
+        text = read_nofollow(path).decode("utf-8", errors="replace")
     except OSError:
         return [], []
     for line in text.splitlines():
@@ -289,7 +297,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    target = run_dir / "loss.png"
+    target = run_dir / contract.LOSS_PLOT_FILE
     image = io.BytesIO()
     figure.savefig(image, format="png", metadata={"Software": None})
     write_atomic(target, image.getvalue())
@@ -310,11 +318,11 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
         f"{host.get('finished_at')}",
         image_line(host, predicate.get("image") or {}),
         f"- spec sha256: {(predicate.get('spec') or {}).get('sha256')}",
-        f"- lock sha256: {predicate.get('lock_sha256')}",
+        f"- lock sha256: {predicate.get('lock_sha256') or 'none (no lock beside the spec)'}",
         "",
         "## Metrics",
         "",
-        *table(predicate.get("metrics") or {}),
+        *table({k: shown_value(k, v) for k, v in (predicate.get("metrics") or {}).items()}),
         "",
         "## Adapter files",
         "",
@@ -331,7 +339,7 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
         lines += ["", "## Loss", "", "![loss curve](loss.png)"]
     elif any(losses(run_dir)):
         lines += ["", "## Loss", "", "(no loss.png: install matplotlib to draw it)"]
-    target = run_dir / "report.md"
+    target = run_dir / contract.REPORT_FILE
     write_atomic(target, ("\n".join(line for line in lines if line is not None) + "\n").encode())
     return target
 
@@ -349,6 +357,13 @@ def image_line(host: dict[str, Any], image: dict[str, Any]) -> str:
 def ending_text(host: dict[str, Any]) -> str:
     code, ended = host.get("exit_code"), host.get("ended")
     return f"{ended}, exit status {code}" + (", OOM-killed" if host.get("oom_killed") else "")
+
+
+def shown_value(key: str, value: Any) -> Any:
+    """Bytes as GiB for people (peak_memory_bytes 786345984 reads as 0.73 GiB)."""
+    if key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
+        return f"{value / 2**30:.2f} GiB"
+    return value
 
 
 def table(values: dict[str, Any]) -> list[str]:

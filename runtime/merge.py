@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlc import __version__
+from qlc.contract import SAMPLE_FILE
 from qlc.runtime.generate import (
     RunInputError,
     RunInputs,
@@ -38,7 +39,6 @@ from qlc.runtime.generate import (
     load_tokenizer,
     open_run,
     render_prompt,
-    training_script,
     with_adapter,
 )
 
@@ -79,15 +79,15 @@ def torch_dtype(name: str) -> Any:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
-def held_out_prompts(inputs: RunInputs, script: Any, tokenizer: Any) -> list[str]:
+def held_out_prompts(inputs: RunInputs, tokenizer: Any) -> list[str]:
     """The run's held-out sample prompt (already rendered) plus fixed prompts rendered alike."""
     rendered = []
-    sample = inputs.run_dir / "sample.json"
+    sample = inputs.run_dir / SAMPLE_FILE
     if sample.is_file():
         prompt = json.loads(sample.read_text(encoding="utf-8")).get("prompt")
         if isinstance(prompt, str) and prompt:
             rendered.append(prompt)
-    rendered += [render_prompt(script, inputs.spec, p, tokenizer) for p in FALLBACK_PROMPTS]
+    rendered += [render_prompt(inputs.plan, p, tokenizer) for p in FALLBACK_PROMPTS]
     return rendered
 
 
@@ -121,11 +121,10 @@ def merge_into(inputs: RunInputs, staging: Path, dtype: str) -> tuple[float, flo
     import torch
     from transformers import AutoModelForCausalLM
 
-    script = training_script(inputs.plan)
     tokenizer = load_tokenizer(inputs)
-    encoded = [encode(p, tokenizer) for p in held_out_prompts(inputs, script, tokenizer)]
+    encoded = [encode(p, tokenizer) for p in held_out_prompts(inputs, tokenizer)]
     weights = torch_dtype(dtype)
-    base = load_model(inputs, script, dtype=weights).float()  # exact upcast
+    base = load_model(inputs, dtype=weights).float()  # exact upcast
     model = with_adapter(base, inputs)
     reference = logits_of(model, encoded)
     with model.disable_adapter():

@@ -22,17 +22,22 @@ from typing import Any
 
 from rich.console import Console
 
+from qlc.compiler.plan import Plan
+from qlc.contract import PLAN_FILE, hash_tree, sha256_file
 from qlc.runtime.docker_engine import DockerEngine, Engine, ImageInfo, PullError
-from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest, sha256_file
+from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest
 from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
 from qlc.runtime.records import BuildRecord
 from qlc.runtime.run import (
     RunFailed,
+    RunInputError,
     RunInputs,
     RunResult,
     find_record_for_image,
-    resolve_inputs,
+    local_or_pulled,
+    plan_of_image,
     run_container,
+    run_inputs,
 )
 
 MODEL_CARD = "adapter/README.md"  # describes the run (timings included): not the adapter
@@ -59,15 +64,6 @@ class Reproduction:
     rerun_dir: Path | None
 
 
-def hash_tree(root: Path) -> dict[str, str]:
-    """Hashes like the training script records them: {name: sha256} of a file, or of every
-    file under a folder by relative path."""
-    if root.is_file():
-        return {root.name: sha256_file(root)}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
-
-
 def compare_files(item: str, recorded: dict[str, str], current: dict[str, str]) -> Verdict:
     if recorded == current:
         return Verdict(item, True, f"unchanged ({len(current)} files)")
@@ -83,6 +79,7 @@ def compare_files(item: str, recorded: dict[str, str], current: dict[str, str]) 
 
 def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict]:
     verdicts = []
+    assert inputs.spec_path is not None
     spec_now = sha256_file(inputs.spec_path)
     spec_then = (predicate.get("spec") or {}).get("sha256")
     verdicts.append(
@@ -107,12 +104,12 @@ def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict
         )
     )
     recorded = predicate.get("inputs") or {}
-    if inputs.model_dir is not None:
+    if inputs.local.model_dir is not None:
         then = (recorded.get("model") or {}).get("files") or {}
-        verdicts.append(compare_files("model files", then, hash_tree(inputs.model_dir)))
-    if inputs.data_file is not None:
+        verdicts.append(compare_files("model files", then, hash_tree(inputs.local.model_dir)))
+    if inputs.local.data_file is not None:
         then = (recorded.get("data") or {}).get("files") or {}
-        verdicts.append(compare_files("data hash", then, hash_tree(inputs.data_file)))
+        verdicts.append(compare_files("data hash", then, hash_tree(inputs.local.data_file)))
     return verdicts
 
 
@@ -198,7 +195,10 @@ def reproduce(
     engine: Engine | None = None,
     console: Console | None = None,
     reuse_image: bool = True,
+    local: bool = False,
 ) -> Reproduction:
+    """Rerun a recorded run (in a container, or with local=True in this Python, as `qlc run
+    --local` ran it) and give a verdict per item."""
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     project = (project_dir or Path.cwd()).resolve()
     manifest_path = manifest_path.resolve()
@@ -223,16 +223,22 @@ def reproduce(
     spec_path = Path(host["spec_path"])
     if not spec_path.is_file():
         raise ReproduceError(f"{manifest_path}: the recorded spec {spec_path} is gone")
-    inputs = resolve_inputs(spec_path)
+    inputs = recorded_inputs(manifest_path.parent, predicate, spec_path, project)
     verdicts = [
         Verdict("manifest", True, "matches manifest.sha256 and the run's files"),
         *input_verdicts(predicate, inputs),
     ]
-    engine = engine or DockerEngine()
-    record = image_for(host, predicate, inputs, verdicts, engine, project, console, reuse_image)
-    if record is None:
-        return Reproduction(False, verdicts, None)
-    rerun = _rerun(record, inputs, bool((predicate.get("run") or {}).get("smoke")), engine, console)
+    smoke = bool((predicate.get("run") or {}).get("smoke"))
+    if local or (host.get("mode") == "local" and engine is None and not reuse_image):
+        rerun = _rerun_local(spec_path, project, smoke, console)
+        verdicts.append(Verdict("image", True, "none: rerun in this Python (--local)"))
+    else:
+        engine = engine or DockerEngine()
+        record = image_for(host, predicate, inputs, verdicts, engine, project, console,
+                           reuse_image)  # fmt: skip
+        if record is None:
+            return Reproduction(False, verdicts, None)
+        rerun = _rerun(record, spec_path, project, smoke, engine, console)
     if rerun.status != "succeeded":
         verdicts.append(Verdict("rerun", False, f"{rerun.status} ({rerun.run_dir})"))
         return Reproduction(False, verdicts, rerun.run_dir)
@@ -326,21 +332,64 @@ def pulled_record(
     return record.model_copy(update={"registry_digest": reference})
 
 
+def recorded_inputs(
+    run_dir: Path, predicate: dict[str, Any], spec_path: Path, project: Path
+) -> RunInputs:
+    """The recorded run's plan (its plan.json, by the manifest's hash) and where its local
+    inputs are now."""
+    plan_file = run_dir / PLAN_FILE
+    expected = predicate.get("plan_sha256")
+    if not plan_file.is_file() or sha256_file(plan_file) != expected:
+        raise ReproduceError(
+            f"{run_dir}: no {PLAN_FILE} with the manifest's plan_sha256: the run directory is "
+            "incomplete"
+        )
+    try:
+        plan = Plan.model_validate_json(plan_file.read_bytes())
+    except ValueError:
+        raise ReproduceError(
+            f"{plan_file}: made by another qlc version; use that version"
+        ) from None
+    try:
+        return run_inputs(plan, spec_path, project)
+    except RunInputError as error:
+        raise ReproduceError(str(error)) from None
+
+
 def rebuild(
     host: dict[str, Any], inputs: RunInputs, engine: Engine, project: Path, console: Console
 ) -> BuildRecord:
     from qlc.runtime.build import build
 
     base = host.get("base_image") if host.get("base_image_overridden") else None
+    assert inputs.spec_path is not None
     # build's record keeps the push of the same image (records.save_build)
     return build(inputs.spec_path, base, project_dir=project, engine=engine, console=console)
 
 
 def _rerun(
-    record: BuildRecord, inputs: RunInputs, smoke: bool, engine: Engine, console: Console
+    record: BuildRecord,
+    spec_path: Path,
+    project: Path,
+    smoke: bool,
+    engine: Engine,
+    console: Console,
 ) -> RunResult:
+    """The image's own plan (its label), run with this host's inputs."""
     try:
+        image = local_or_pulled(record, engine, console)
+        inputs = run_inputs(plan_of_image(image), spec_path, project)
         return run_container(record, inputs, smoke=smoke, engine=engine, console=console)
+    except RunFailed as failure:
+        console.print(str(failure), markup=False)
+        return failure.result
+
+
+def _rerun_local(spec_path: Path, project: Path, smoke: bool, console: Console) -> RunResult:
+    from qlc.runtime.run_local import run_local
+
+    try:
+        return run_local(spec_path, project, smoke=smoke, console=console)
     except RunFailed as failure:
         console.print(str(failure), markup=False)
         return failure.result

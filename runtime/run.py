@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets as random_tokens
 import shlex
 import time
 from collections.abc import Callable, Mapping
@@ -21,8 +20,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qlc.compiler.load import load_spec_file
-from qlc.compiler.spec import Spec
+from qlc import contract
+from qlc.compiler.plan import Plan
+from qlc.compiler.render import plan_json
+from qlc.runtime.build import PLAN_LABEL
 from qlc.runtime.docker_engine import (
     ContainerRequest,
     DockerEngine,
@@ -30,6 +31,18 @@ from qlc.runtime.docker_engine import (
     ImageInfo,
     Mount,
     PullError,
+)
+from qlc.runtime.launch import (
+    OBJECT_STORE_SCHEMES,
+    ImageRef,
+    LaunchError,
+    LocalInputs,
+    container_paths,
+    container_user,
+    local_inputs,
+    needs_network,
+    new_run_id,
+    trainer_env,
 )
 from qlc.runtime.manifest import FinalManifest, HostView, finalize
 from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
@@ -42,30 +55,42 @@ from qlc.runtime.records import (
 )
 from qlc.runtime.supervise import Outcome, supervise_container
 
-CONTAINER_UID = "10001:10001"  # the user templates/Dockerfile.j2 creates
-
 
 class RunInputError(Exception):
     """Something the user must fix before a run can start (exit 2)."""
 
 
 class RunFailed(Exception):
-    """The run started and did not succeed (exit 1); `result` says how it ended."""
+    """The run started and did not succeed (exit 1; 2 when the trainer stopped on a problem
+    the user must fix); `result` says how it ended."""
 
     def __init__(self, message: str, result: RunResult) -> None:
         super().__init__(message)
         self.result = result
 
+    @property
+    def user_error(self) -> bool:
+        return self.result.exit_code == contract.EXIT_USER_ERROR
+
 
 @dataclass(frozen=True)
 class RunInputs:
-    spec: Spec
-    spec_path: Path
-    job: str
-    model_dir: Path | None
-    data_file: Path | None
+    """A built plan and where its run reads and writes on this host."""
+
+    plan: Plan
+    plan_bytes: bytes
+    spec_path: Path | None  # the spec the plan was built from (its folder anchors paths)
+    local: LocalInputs
     output_root: Path
     needs_hub: bool
+
+    @property
+    def job(self) -> str:
+        return self.plan.job.name
+
+    @property
+    def plan_sha256(self) -> str:
+        return contract.sha256_bytes(self.plan_bytes)
 
 
 @dataclass(frozen=True)
@@ -80,53 +105,54 @@ class RunResult:
     message: str = ""
 
 
-def resolve_inputs(spec_path: Path) -> RunInputs:
-    """Load the spec and find its local inputs, relative to the spec file."""
-    spec, _ = load_spec_file(spec_path)
-    base = spec_path.resolve().parent
-    model_dir = data_file = None
-    if spec.model.path is not None:
-        model_dir = _local(base, spec.model.path, "model.path", spec_path, want_dir=True)
-    if spec.data.path is not None:
-        data_file = _local(base, spec.data.path, "data.path", spec_path, want_dir=False)
-    if spec.job.output_dir.startswith(("s3://", "gs://", "az://")):
+def run_inputs(plan: Plan, spec_path: Path | None, project: Path) -> RunInputs:
+    """Where a built plan's run reads (local inputs, relative to the spec's folder) and writes
+    (<output_dir>/<job>/ under that folder). The spec file itself is never read."""
+    where = str(spec_path) if spec_path is not None else f"image of job {plan.job.name}"
+    if plan.job.output_dir.startswith(OBJECT_STORE_SCHEMES):
         raise RunInputError(
-            f"{spec_path}: job.output_dir is {spec.job.output_dir}: qlc run "
-            "writes to a local directory; use `qlc export` for batch services"
+            f"{where}: job.output_dir is {plan.job.output_dir}: qlc run writes to a local "
+            "directory; use `qlc export` for batch services"
         )
-    tokenizer_from_hub = (
-        spec.model.tokenizer is not None and not (base / spec.model.tokenizer).exists()
-    )
+    base = spec_path.resolve().parent if spec_path is not None else project
+    has_local = plan.model.local_path is not None or plan.data.local_path is not None
+    if spec_path is None and has_local:
+        raise RunInputError(
+            f"the image of job {plan.job.name} reads local files (model.path / data.path) "
+            "relative to the spec it was built from, and no build record here names that spec: "
+            "run it from the project that built it, or `qlc run SPEC`"
+        )
+    try:
+        local = local_inputs(plan, base, where)
+    except LaunchError as error:
+        raise RunInputError(str(error)) from None
     return RunInputs(
-        spec=spec,
-        spec_path=spec_path.resolve(),
-        job=spec.job.name,
-        model_dir=model_dir,
-        data_file=data_file,
-        output_root=base / spec.job.output_dir / spec.job.name,
-        needs_hub=spec.model.id is not None or spec.data.id is not None or tokenizer_from_hub,
+        plan=plan,
+        plan_bytes=plan_json(plan),
+        spec_path=spec_path.resolve() if spec_path is not None else None,
+        local=local,
+        output_root=base / plan.job.output_dir / plan.job.name,
+        needs_hub=needs_network(plan, local),
     )
-
-
-def _local(base: Path, value: str, key: str, spec_path: Path, want_dir: bool) -> Path:
-    path = (base / value).resolve()
-    ok = path.is_dir() if want_dir else path.is_file()
-    if not ok:
-        kind = "directory" if want_dir else "file"
-        raise RunInputError(f"{spec_path}: {key} = {value!r}: no such {kind} ({path})")
-    return path
 
 
 def new_run_dir(output_root: Path) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = output_root / f"{stamp}-{random_tokens.token_hex(3)}"
+    run_dir = output_root / new_run_id()
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
 
 
-def secret_values(spec: Spec, environ: Mapping[str, str]) -> dict[str, str]:
-    """The spec's secrets present in the environment (the others are reported missing)."""
-    return {name: environ[name] for name in spec.runtime.secrets if environ.get(name)}
+def claim(run_dir: Path, inputs: RunInputs) -> Path:
+    """The run directory, claimed for this plan: new, or a run of this plan to continue."""
+    problem = contract.claim_run_dir(run_dir, inputs.plan_sha256, inputs.job, run_dir.name)
+    if problem is not None:
+        raise RunInputError(f"{problem}\nfix: leave out --resume to start a new run")
+    return run_dir
+
+
+def secret_values(plan: Plan, environ: Mapping[str, str]) -> dict[str, str]:
+    """The plan's secrets present in the environment (the others are reported missing)."""
+    return {name: environ[name] for name in plan.runtime.secrets if environ.get(name)}
 
 
 def redactor(values: Mapping[str, str]) -> Callable[[str], str]:
@@ -140,23 +166,6 @@ def redactor(values: Mapping[str, str]) -> Callable[[str], str]:
     return redact
 
 
-def determinism_env(spec: Spec) -> dict[str, str]:
-    """Deterministic runs fix Python's string hashing: peft writes target_modules from a
-    set, so without it adapter_config.json's order changes from run to run."""
-    return {"PYTHONHASHSEED": "0"} if spec.job.deterministic else {}
-
-
-def container_user(image_user: str) -> str:
-    """Run as this host user when not root (files in /out stay theirs), else the image's
-    numeric non-root user."""
-    if os.getuid() != 0:
-        return f"{os.getuid()}:{os.getgid()}"
-    parts = image_user.split(":")
-    if parts[0].isdigit() and parts[0] != "0":
-        return image_user if len(parts) == 2 else f"{parts[0]}:{parts[0]}"
-    return CONTAINER_UID
-
-
 def container_request(
     record: BuildRecord,
     inputs: RunInputs,
@@ -165,34 +174,34 @@ def container_request(
     smoke: bool,
     environ: Mapping[str, str],
     gpus: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> ContainerRequest:
-    env = dict(inputs.spec.runtime.env)
-    env.update(
-        QLC_OUTPUT_DIR="/out", QLC_IMAGE_ID=record.image_id, QLC_BASE_IMAGE=record.base_image
+    model_path, data_path = container_paths(inputs.local)
+    env = trainer_env(
+        inputs.plan,
+        output_dir=contract.CONTAINER_OUTPUT_DIR,
+        model_path=model_path,
+        data_path=data_path,
+        smoke=smoke,
+        image=ImageRef(record.image_id, record.registry_digest, record.base_image),
+        run_id=run_dir.name,
+        extra=extra_env,
     )
-    if record.registry_digest:
-        env["QLC_IMAGE_DIGEST"] = record.registry_digest
-    if smoke:
-        env["QLC_SMOKE"] = "1"
-    env.update(determinism_env(inputs.spec))
     if os.getuid() != 0:
         env["HOME"] = "/tmp"
-    mounts = [Mount(str(run_dir), "/out", read_only=False)]
-    if inputs.model_dir is not None:
-        mounts.append(Mount(str(inputs.model_dir), "/inputs/model"))
-        env["QLC_MODEL_PATH"] = "/inputs/model"
-    if inputs.data_file is not None:
-        target = f"/inputs/data/{inputs.data_file.name}"
-        mounts.append(Mount(str(inputs.data_file), target))
-        env["QLC_DATA_PATH"] = target
-    env.update(secret_values(inputs.spec, environ))
-    requested = inputs.spec.runtime.gpus if gpus is None else gpus
+    mounts = [Mount(str(run_dir), contract.CONTAINER_OUTPUT_DIR, read_only=False)]
+    if inputs.local.model_dir is not None and model_path is not None:
+        mounts.append(Mount(str(inputs.local.model_dir), model_path))
+    if inputs.local.data_file is not None and data_path is not None:
+        mounts.append(Mount(str(inputs.local.data_file), data_path))
+    env.update(secret_values(inputs.plan, environ))
+    requested = inputs.plan.runtime.gpus if gpus is None else gpus
     return ContainerRequest(
         image=record.image_id,
         environment=env,
         mounts=tuple(mounts),
         gpus=0 if smoke and gpus is None else requested,
-        shm_size=inputs.spec.runtime.shm_size,
+        shm_size=inputs.plan.runtime.shm_size,
         network="bridge" if inputs.needs_hub else "none",
         user=user,
         labels={"qlc.job": inputs.job, "qlc.run-dir": str(run_dir)},
@@ -210,27 +219,28 @@ def run_container(
     console: Console | None = None,
     environ: Mapping[str, str] | None = None,
     gpus: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Run a built image for a spec; write the final manifest and report; raise RunFailed."""
+    """Run a built image for its plan; write the final manifest and report; raise RunFailed."""
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     environ = os.environ if environ is None else environ
     engine = engine or DockerEngine()
     engine.ping()
     image = local_or_pulled(record, engine, console)
-    _warn_missing_secrets(inputs.spec, environ, console)
-    blocked = unreadable_inputs(inputs, container_user(image.user))
+    _warn_missing_secrets(inputs.plan, environ, console)
+    user = container_user(image.user)
+    blocked = unreadable_inputs(inputs, user)
     if blocked:
         raise RunInputError(
-            f"the container's user ({container_user(image.user)}) cannot read "
-            f"{len(blocked)} input files (mounted read-only), e.g. {blocked[0]}: make them "
-            "readable (`chmod -R a+rX` on the model folder / data file) or run qlc as their "
-            "owner"
+            f"the container's user ({user}) cannot read {len(blocked)} input files (mounted "
+            f"read-only), e.g. {blocked[0]}: make them readable (`chmod -R a+rX` on the model "
+            "folder / data file) or run qlc as their owner"
         )
-    run_dir = _prepare_run_dir(run_dir or new_run_dir(inputs.output_root), image.user)
-    user = container_user(image.user)
-    request = container_request(record, inputs, run_dir, user, smoke, environ, gpus)
-    redact = redactor(secret_values(inputs.spec, environ))
-    log_path = run_dir / "run.log"
+    run_dir = claim(run_dir or new_run_dir(inputs.output_root), inputs)
+    run_dir = _prepare_run_dir(run_dir, image.user)
+    request = container_request(record, inputs, run_dir, user, smoke, environ, gpus, extra_env)
+    redact = redactor(secret_values(inputs.plan, environ))
+    log_path = run_dir / contract.RUN_LOG_FILE
     started, clock = _now(), time.monotonic()
     console.print(f"run {inputs.job}: {record.tag} -> {run_dir}", markup=False)
     outcome = supervise_container(engine, request, log_path, redact, console, inputs.job)
@@ -251,7 +261,7 @@ def run_container(
         gpus_requested=request.gpus,
         read_only_inputs=[m.target for m in request.mounts if m.read_only],
         detail=outcome.detail,
-        spec_path=str(inputs.spec_path),
+        spec_path=str(inputs.spec_path) if inputs.spec_path else None,
         base_image_overridden=record.base_image_overridden,
     )
     return conclude(run_dir, host, log_path, outcome, redact)
@@ -287,7 +297,7 @@ def unreadable_inputs(inputs: RunInputs, user: str) -> list[str]:
         return []
     uid, gid = (int(part) for part in user.split(":"))
     paths: list[Path] = []
-    for root in (inputs.model_dir, inputs.data_file):
+    for root in (inputs.local.model_dir, inputs.local.data_file):
         if root is not None:
             paths += [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
     return [str(p) for p in paths if not _readable(p, uid, gid)]
@@ -396,8 +406,8 @@ def explain_outcome(outcome: Outcome, final: FinalManifest, run_dir: Path) -> st
     return f"the training process exited with status {code}: {cause}\nlast lines:\n{tail}\n{where}"
 
 
-def _warn_missing_secrets(spec: Spec, environ: Mapping[str, str], console: Console) -> None:
-    for name in spec.runtime.secrets:
+def _warn_missing_secrets(plan: Plan, environ: Mapping[str, str], console: Console) -> None:
+    for name in plan.runtime.secrets:
         if not environ.get(name):
             console.print(
                 f"warning: secret {name} is not set in this environment: the run goes without it",
@@ -410,7 +420,24 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What to run: a spec (built first, usually a cache hit), an image, or the last build.
+# What to run: a spec (built first, usually a cache hit), an image, or the last build. The plan
+# always comes from what was built: the image's plan label, never the spec file as it is now.
+
+
+def plan_of_image(image: ImageInfo) -> Plan:
+    text = image.labels.get(PLAN_LABEL)
+    if text is None:
+        raise RunInputError(
+            f"image {image.id[:19]} carries no qlc plan (label {PLAN_LABEL}): it was not built "
+            "by this qlc; rebuild it with `qlc build SPEC`"
+        )
+    try:
+        return Plan.model_validate_json(text)
+    except ValueError:
+        raise RunInputError(
+            f"image {image.id[:19]}: its plan was made by another qlc version: rebuild it "
+            "with `qlc build SPEC`"
+        ) from None
 
 
 def run(
@@ -425,6 +452,7 @@ def run(
     console: Console | None = None,
     environ: Mapping[str, str] | None = None,
     gpus: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> RunResult:
     """`qlc run [SPEC|IMAGE]`: raise RunInputError (exit 2) or RunFailed (exit 1)."""
     project = (project_dir or Path.cwd()).resolve()
@@ -435,30 +463,21 @@ def run(
             "or leave it out to run the last build"
         )
     if local:
-        spec_path = _local_spec(target, project)
         from qlc.runtime.run_local import run_local
 
         return run_local(
-            resolve_inputs(spec_path),
-            project,
-            smoke=smoke,
-            run_dir=run_dir,
-            console=console,
-            environ=environ,
-        )
+            _local_spec(target, project), project, smoke=smoke, run_dir=run_dir,
+            console=console, environ=environ, extra_env=extra_env,
+        )  # fmt: skip
     engine = engine or DockerEngine()
     record = resolve_target(target, project, base_image, engine, console)
-    inputs = resolve_inputs(Path(record.spec_path))
+    image = local_or_pulled(record, engine, console)
+    spec_path = Path(record.spec_path) if record.spec_path else None
+    inputs = run_inputs(plan_of_image(image), spec_path, project)
     return run_container(
-        record,
-        inputs,
-        smoke=smoke,
-        run_dir=run_dir,
-        engine=engine,
-        console=console,
-        environ=environ,
-        gpus=gpus,
-    )
+        record, inputs, smoke=smoke, run_dir=run_dir, engine=engine, console=console,
+        environ=environ, gpus=gpus, extra_env=extra_env,
+    )  # fmt: skip
 
 
 def resolve_target(
@@ -466,11 +485,6 @@ def resolve_target(
 ) -> BuildRecord:
     from qlc.runtime.build import build
 
-    if target is not None and not target.strip():
-        raise RunInputError(
-            "the target is empty: name a spec file or an image qlc built, "
-            "or leave it out to run the last build"
-        )
     if target is None:
         try:
             return last_build(project)
@@ -479,7 +493,7 @@ def resolve_target(
     if target.endswith(".toml") or Path(target).is_file():
         if not Path(target).is_file():
             raise RunInputError(f"{target}: no such spec file")
-        # build's record keeps the push of the same image: a cache hit runs the pushed image
+        # a changed spec rebuilds (build says so); the record keeps the push of the same image
         return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
     image = engine.find_image(target)
     record = find_record_for_image(project, image.id) if image is not None else None

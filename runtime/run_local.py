@@ -1,7 +1,7 @@
 """run --local: the same compiled script as a subprocess of this Python environment.
 
 For machines without Docker (a GPU host, a batch node that already is the container). The
-installed packages are checked against the spec's lock first and every difference named.
+installed packages are compared with the spec's lock first (one line).
 """
 
 from __future__ import annotations
@@ -13,21 +13,27 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from qlc import contract
+from qlc.runtime.launch import trainer_env
 from qlc.runtime.manifest import HostView
 from qlc.runtime.run import (
-    RunInputs,
     RunResult,
     _now,
+    claim,
     conclude,
-    determinism_env,
     new_run_dir,
     redactor,
+    run_inputs,
     secret_values,
 )
 from qlc.runtime.supervise import STOP_TIMEOUT_S, Outcome, stream_lines
+
+if TYPE_CHECKING:
+    from qlc.compiler.context import BuildContext
 
 
 def lock_differences(lock_text: str) -> list[str]:
@@ -49,55 +55,63 @@ def lock_differences(lock_text: str) -> list[str]:
     return differences
 
 
+def lock_note(context: BuildContext) -> str:
+    """One line on how this Python's packages compare with the spec's lock."""
+    lock = context.files.get(contract.LOCK_FILE)
+    if lock is None:
+        return "no lock beside the spec: the run uses this Python's packages as they are"
+    differ = lock_differences(lock.decode())
+    if not differ:
+        return "installed packages match the lock"
+    shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return (
+        f"warning: {len(differ)} installed packages differ from the lock ({shown}); the "
+        "manifest records the versions that ran"
+    )
+
+
 def run_local(
-    inputs: RunInputs,
+    spec_path: Path,
     project: Path,
     *,
     smoke: bool = False,
     run_dir: Path | None = None,
     console: Console | None = None,
     environ: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> RunResult:
+    """Compile the spec, then run its context's train.py in this Python with the launch
+    path's environment (on top of this process's own: the person running qlc chose it)."""
     from qlc.runtime.build import compile_for_build, write_context_dir
 
     console = console or Console(stderr=True, highlight=False, soft_wrap=True)
     environ = dict(os.environ if environ is None else environ)
-    context = compile_for_build(inputs.spec_path, project, require_lock=False).context
-    if "requirements.lock" in context.files:
-        differ = lock_differences(context.files["requirements.lock"].decode())
-        if differ:
-            console.print(
-                f"warning: {len(differ)} installed packages differ from the lock:\n  "
-                + "\n  ".join(differ),
-                markup=False,
-            )
-        else:
-            console.print("installed packages match the lock", markup=False)
+    context = compile_for_build(spec_path, project, require_lock=False).context
+    inputs = run_inputs(context.plan, spec_path, project)
+    console.print(lock_note(context), markup=False)
     folder = write_context_dir(context, project)
-    run_dir = run_dir or new_run_dir(inputs.output_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim(run_dir or new_run_dir(inputs.output_root), inputs)
+    local = inputs.local
     env = {
-        **environ,
-        **inputs.spec.runtime.env,
-        "QLC_PLAN": str(folder / "plan.json"),
-        "QLC_OUTPUT_DIR": str(run_dir),
+        **{k: v for k, v in environ.items() if not k.startswith(contract.PROTOCOL_PREFIX)},
+        **trainer_env(
+            inputs.plan,
+            output_dir=str(run_dir),
+            model_path=str(local.model_dir) if local.model_dir else None,
+            data_path=str(local.data_file) if local.data_file else None,
+            smoke=smoke,
+            run_id=run_dir.name,
+            extra=extra_env,
+        ),
+        contract.ENV_PLAN: str(folder / contract.PLAN_FILE),
         "PYTHONUNBUFFERED": "1",
     }
-    env.pop("QLC_SMOKE", None)
-    if smoke:
-        env["QLC_SMOKE"] = "1"
-    env.update(determinism_env(inputs.spec))
-    if inputs.model_dir is not None:
-        env["QLC_MODEL_PATH"] = str(inputs.model_dir)
-    if inputs.data_file is not None:
-        env["QLC_DATA_PATH"] = str(inputs.data_file)
-    redact = redactor(secret_values(inputs.spec, environ))
-    log_path = run_dir / "run.log"
+    redact = redactor(secret_values(inputs.plan, environ))
+    log_path = run_dir / contract.RUN_LOG_FILE
     console.print(f"run {inputs.job} (local, {sys.executable}) -> {run_dir}", markup=False)
     started, clock = _now(), time.monotonic()
-    outcome = _supervise_process(
-        [sys.executable, str(folder / "train.py")], env, log_path, redact, console, inputs.job
-    )
+    command = [sys.executable, str(folder / contract.SCRIPT_FILE)]
+    outcome = _supervise_process(command, env, log_path, redact, console, inputs.job)
     host = HostView(
         mode="local",
         exit_code=outcome.exit_code,
@@ -112,7 +126,7 @@ def run_local(
         duration_s=round(time.monotonic() - clock, 3),
         user=f"{os.getuid()}:{os.getgid()}",
         network=None,
-        gpus_requested=inputs.spec.runtime.gpus,
+        gpus_requested=inputs.plan.runtime.gpus,
         detail=outcome.detail,
         spec_path=str(inputs.spec_path),
     )

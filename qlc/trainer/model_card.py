@@ -1,7 +1,6 @@
 """The model card: adapter/README.md in the Hugging Face convention, from the run's own records.
 
-Standard library only: this file is copied beside train.py into every build context and runs
-inside the container at the end of a successful run, before the final manifest hashes the
+Written by the trainer at the end of a successful run, before the final manifest hashes the
 adapter directory, so the manifest's subjects certify the card (the card cannot carry the
 final manifest's own hash: that would be circular, and the runtime adds its host block later).
 The card names the hashes that identify the run instead: adapter files, spec, plan, lock,
@@ -13,15 +12,22 @@ non-printable or non-ASCII character escaped, so no user string can break out of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-CARD_NAME = "README.md"
+from qlc.compiler.plan import Plan
+from qlc.contract import (
+    ADAPTER_DIR,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    MODEL_CARD_FILE,
+    sha256_file,
+)
+
+CARD_NAME = MODEL_CARD_FILE
 PLOT_NAME = "loss.svg"
-HYPERPARAMETER_SECTIONS = ("quantization", "lora", "train", "data")
 PLOT_WIDTH, PLOT_HEIGHT, PLOT_MARGIN = 640, 320, 48
 
 
@@ -73,14 +79,6 @@ def table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
     return [*lines, ""]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -104,16 +102,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def base_model_name(spec: dict[str, Any], model_input: dict[str, Any]) -> str:
-    """The hub id when there is one, else the local directory as the spec names it."""
-    return model_input.get("id") or spec["model"]["id"] or str(spec["model"]["path"])
-
-
-def dataset_names(spec: dict[str, Any], data_input: dict[str, Any]) -> list[str]:
-    if data_input.get("id") or spec["data"]["id"]:
-        return [data_input.get("id") or spec["data"]["id"]]
+def dataset_names(plan: Plan, data_input: dict[str, Any]) -> list[str]:
+    if plan.data.hub_id:
+        return [plan.data.hub_id]
     files = sorted(data_input.get("files") or {})
-    return files or [Path(str(spec["data"]["path"])).name]
+    return files or [Path(str(plan.data.local_path)).name]
+
+
+def shown_value(key: str, value: Any) -> Any:
+    """Bytes as GiB (people read GiB, not 786345984), seconds rounded; other values as they are."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if key.endswith("_bytes") or key.startswith("peak_memory"):
+            return f"{value / 2**30:.2f} GiB"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+    return value
 
 
 def loss_svg(points: list[tuple[float, float]], eval_points: list[tuple[float, float]]) -> str:
@@ -172,13 +175,21 @@ def write_loss_plot(records: list[dict[str, Any]], adapter: Path) -> str | None:
     return PLOT_NAME
 
 
-def hyperparameter_lines(spec: dict[str, Any]) -> list[str]:
-    rows = []
-    for section in HYPERPARAMETER_SECTIONS:
-        for key, value in sorted(spec.get(section, {}).items()):
-            shown = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
-            rows.append((f"{section}.{key}", shown))
-    return ["## Training setup", "", *table(("setting", "value"), rows)]
+def setup_lines(plan: Plan, predicate: dict[str, Any]) -> list[str]:
+    """The effective settings the run trained with (what the manifest records), and every
+    substitution: where what trained differs from what the spec wrote, and why."""
+    effective = predicate.get("effective") or {}
+    rows = [(name, json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value)
+            for name, value in effective.items()]  # fmt: skip
+    lines = ["## Training setup", "", *table(("setting", "value"), rows)]
+    subs = predicate.get("substitutions") or []
+    if subs:
+        lines += ["Substitutions (asked for by the spec):", ""]
+        lines += table(
+            ("spec key", "written", "trained with", "why"),
+            [(s["key"], s["written"], s["effective"], s["why"]) for s in subs],
+        )
+    return lines
 
 
 def data_report_lines(report: Any) -> list[str]:
@@ -194,7 +205,8 @@ def data_report_lines(report: Any) -> list[str]:
 def metrics_lines(metrics: dict[str, Any], plot: str | None) -> list[str]:
     lines = ["## Results", ""]
     if metrics:
-        lines += table(("metric", "value"), sorted(metrics.items()))
+        rows = [(key, shown_value(key, value)) for key, value in sorted(metrics.items())]
+        lines += table(("metric", "value"), rows)
     else:
         lines += ["No metrics were recorded.", ""]
     if plot:
@@ -221,18 +233,18 @@ def usage_lines(base: str) -> list[str]:
     ]
 
 
-def provenance_lines(plan: dict[str, Any], manifest: dict[str, Any], adapter: Path) -> list[str]:
+def provenance_lines(plan: Plan, manifest: dict[str, Any], adapter: Path) -> list[str]:
     predicate = manifest.get("predicate", {})
     inputs = predicate.get("inputs", {})
     model, data, run = inputs.get("model", {}), inputs.get("data", {}), predicate.get("run", {})
-    spec_ref = predicate.get("spec") or {"name": plan["spec_name"], "sha256": plan["spec_sha256"]}
+    spec_ref = predicate.get("spec") or {"name": plan.spec_name, "sha256": plan.spec_sha256}
     adapter_files = {
         p.name: sha256_file(p)
         for p in sorted(adapter.iterdir())
         if p.is_file() and p.name not in (CARD_NAME, PLOT_NAME)
     }
     rows: list[tuple[Any, ...]] = [
-        ("qlc version", predicate.get("qlc_version", plan["qlc_version"])),
+        ("qlc version", predicate.get("qlc_version", plan.qlc_version)),
         ("spec", f"{spec_ref['name']} sha256:{spec_ref['sha256']}"),
         ("plan", f"sha256:{predicate.get('plan_sha256')}"),
         ("lock", f"sha256:{predicate['lock_sha256']}" if predicate.get("lock_sha256") else "none"),
@@ -260,36 +272,39 @@ def provenance_lines(plan: dict[str, Any], manifest: dict[str, Any], adapter: Pa
     ]
 
 
-def write_model_card(run_dir: Path, plan: dict[str, Any], manifest: dict[str, Any]) -> Path:
-    """Write run_dir/adapter/README.md (and adapter/loss.svg when there are losses)."""
-    adapter = Path(run_dir) / "adapter"
-    spec, predicate = plan["spec"], manifest.get("predicate", {})
+def write_model_card(run_dir: Path, plan: Plan, manifest: dict[str, Any]) -> Path:
+    """Write run_dir/adapter/README.md (and adapter/loss.svg when there are losses). A hub base
+    model is named in the header's base_model; a local one is not (it is no hub id): the card
+    names its folder and the provenance table its files' hashes."""
+    adapter = Path(run_dir) / ADAPTER_DIR
+    predicate = manifest.get("predicate", {})
     inputs = predicate.get("inputs", {})
-    base = base_model_name(spec, inputs.get("model", {}))
-    header = yaml_header(
-        {
-            "base_model": base,
-            "library_name": "peft",
-            "datasets": dataset_names(spec, inputs.get("data", {})),
-            "tags": ["qlora", "qlc", "lora", "peft", f"base_model:adapter:{base}"],
-            "pipeline_tag": "text-generation",
-        }
-    )
-    plot = write_loss_plot(read_metrics(Path(run_dir) / "metrics.jsonl"), adapter)
+    base = plan.model.name
+    fields: dict[str, str | list[str]] = {
+        "library_name": "peft",
+        "datasets": dataset_names(plan, inputs.get("data", {})),
+        "tags": ["qlora", "qlc", "lora", "peft"],
+        "pipeline_tag": "text-generation",
+    }
+    if plan.model.hub_id is not None:
+        fields = {"base_model": plan.model.hub_id, **fields}
+        fields["tags"] = [*fields["tags"], f"base_model:adapter:{plan.model.hub_id}"]
+    plot = write_loss_plot(read_metrics(Path(run_dir) / METRICS_FILE), adapter)
+    origin = "the hub model" if plan.model.hub_id else "the local model folder"
     body = [
-        f"# {md(spec['job']['name'])}: a QLoRA adapter for {md(base)}",
+        f"# {md(plan.job.name)}: a QLoRA adapter for {md(base)}",
         "",
-        f"Trained by qlc {md(plan['qlc_version'])} from the spec {code(plan['spec_name'])} "
-        f"(data format {code(spec['data']['format'])}).",
+        f"Trained by qlc {md(plan.qlc_version)} from the spec {code(plan.spec_name)} on "
+        f"{origin} {code(base)} (data format {code(plan.data.format)}).",
         "",
         *usage_lines(base),
-        *hyperparameter_lines(spec),
-        *data_report_lines(read_json(Path(run_dir) / "data_report.json")),
+        *setup_lines(plan, predicate),
+        *data_report_lines(read_json(Path(run_dir) / DATA_REPORT_FILE)),
         *metrics_lines(predicate.get("metrics") or {}, plot),
         *provenance_lines(plan, manifest, adapter),
     ]
     card = adapter / CARD_NAME
     tmp = adapter / f".{CARD_NAME}.tmp"
-    tmp.write_text(header + "\n" + "\n".join(body), encoding="utf-8")
+    tmp.write_text(yaml_header(fields) + "\n" + "\n".join(body), encoding="utf-8")
     tmp.replace(card)
     return card
