@@ -105,11 +105,14 @@ def write_context(context: BuildContext, directory: Path) -> None:
 @app.command()
 def validate(specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")]) -> None:
     """Check specs; print every problem as FILE:LINE:COL: key: message. Exit 0 or 2."""
+    from qlc.compiler.context import plan_spec
+
     failed = False
     for path in specs:
         try:
-            _, warnings = load_spec_file(path)
-        except SpecError as error:
+            source, _ = read_spec_and_lock(path)
+            _, warnings = plan_spec(source, str(path))
+        except (SpecError, UserError) as error:
             failed = True
             err.print(str(error), markup=False)
             continue

@@ -40,26 +40,54 @@ def compile_case(case: str) -> BuildContext:
 def injection_context() -> BuildContext:
     source = (ROOT / "specs/guanaco.toml").read_text()
     source = source.replace('text_field = "text"', f"text_field = {json.dumps(PAYLOAD)}")
-    source += f"env = {{ QLC_NOTE = {json.dumps(PAYLOAD)} }}\n"
+    source += f"env = {{ NOTE = {json.dumps(PAYLOAD)} }}\n"
     return compile_spec(
         source.encode(), "specs/guanaco.toml", (ROOT / "specs/guanaco.lock").read_bytes()
     )
 
 
+def split_context(files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(rendered files, trainer package files shipped verbatim under qlc/)."""
+    rendered = {n: d for n, d in files.items() if not n.startswith("qlc/")}
+    return rendered, {n: d for n, d in files.items() if n.startswith("qlc/")}
+
+
 @pytest.mark.parametrize("case", SHIPPED + EDGE)
 def test_golden_context(case: str) -> None:
-    """The whole context equals tests/golden/contexts/<case>/expected: content, missing, extra."""
-    files = compile_case(case).files
+    """The rendered files equal tests/golden/contexts/<case>/expected (content, missing, extra);
+    the trainer modules shipped verbatim are listed in expected/MODULES (their bytes are the
+    repository's own files, checked below, so the goldens do not copy them)."""
+    rendered, modules = split_context(compile_case(case).files)
     expected = GOLDEN / case / "expected"
+    listing = "".join(f"{name}\n" for name in sorted(modules)).encode()
     if UPDATE:
         shutil.rmtree(expected, ignore_errors=True)
         expected.mkdir(parents=True)
-        for name, data in files.items():
+        for name, data in rendered.items():
             (expected / name).write_bytes(data)
-    on_disk = {p.name: p.read_bytes() for p in expected.iterdir()}
-    assert sorted(files) == sorted(on_disk), "missing or extra files"
-    for name in files:
-        assert files[name] == on_disk[name], f"{case}/{name} differs from the golden"
+        (expected / "MODULES").write_bytes(listing)
+    on_disk = {p.name: p.read_bytes() for p in expected.iterdir() if p.name != "MODULES"}
+    assert sorted(rendered) == sorted(on_disk), "missing or extra files"
+    for name in rendered:
+        assert rendered[name] == on_disk[name], f"{case}/{name} differs from the golden"
+    assert (expected / "MODULES").read_bytes() == listing, f"{case}: shipped modules differ"
+
+
+@pytest.mark.parametrize("case", ["guanaco", "tiny"])
+def test_shipped_modules_are_the_repository_s_files(case: str) -> None:
+    """The image runs exactly the trainer package in this repository (qlc/ -> the source)."""
+    _, modules = split_context(compile_case(case).files)
+    sources = {"qlc/compiler": ROOT / "compiler", "qlc": ROOT / "qlc"}
+    for name, data in modules.items():
+        folder, file = name.rsplit("/", 1)
+        source = sources.get(folder, ROOT / folder) / file
+        assert data == source.read_bytes(), name
+
+
+def test_only_the_plan_s_engine_is_shipped() -> None:
+    reference = set(compile_case("guanaco").files)
+    assert "qlc/trainer/reference.py" in reference
+    assert not any(name.startswith("qlc/trainer/fast/") for name in reference)
 
 
 def test_compile_is_deterministic() -> None:
@@ -121,7 +149,7 @@ def test_dockerfile_shape(case: str) -> None:
     assert labels["qlc.spec.sha256"] == plan.spec_sha256
     assert plan.lock is not None and labels["qlc.lock.sha256"] == plan.lock.sha256
     assert labels["org.opencontainers.image.base.digest"] == plan.base_image.digest
-    assert labels["org.opencontainers.image.title"] == plan.spec["job"]["name"]
+    assert labels["org.opencontainers.image.title"] == plan.job.name
     users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
     assert users == ["10001:10001"]
     installs = [i["value"] for i in parser.structure if "pip install" in i["value"]]
@@ -144,26 +172,18 @@ def test_dockerfile_passes_hadolint(case: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("case", SHIPPED)
+@pytest.mark.parametrize("case", SHIPPED + EDGE)
 def test_training_script_passes_ruff_and_compiles(case: str, tmp_path: Path) -> None:
     context = compile_case(case)
-    for name in ("train.py", "fast_engine.py"):
-        (tmp_path / name).write_bytes(context.files[name])
-    ruff = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "check",
-            "--no-cache",
-            "--config",
-            str(ROOT / "pyproject.toml"),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert ruff.returncode == 0, ruff.stdout + ruff.stderr
+    (tmp_path / "train.py").write_bytes(context.files["train.py"])
+    for command in ("check", "format --check"):
+        ruff = subprocess.run(
+            [sys.executable, "-m", "ruff", *command.split(), "--no-cache", "--config",
+             str(ROOT / "pyproject.toml"), str(tmp_path)],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert ruff.returncode == 0, ruff.stdout + ruff.stderr
     compiled = subprocess.run(
         [sys.executable, "-m", "py_compile", str(tmp_path / "train.py")],
         capture_output=True,
@@ -177,8 +197,8 @@ def test_injected_strings_stay_data() -> None:
     context = injection_context()
     normal = compile_case("guanaco")
     plan = json.loads(context.files["plan.json"])
-    assert plan["spec"]["data"]["text_field"] == PAYLOAD
-    assert plan["spec"]["runtime"]["env"]["QLC_NOTE"] == PAYLOAD
+    assert plan["data"]["text_field"] == PAYLOAD
+    assert plan["runtime"]["env"]["NOTE"] == PAYLOAD
     assert tomllib.loads(context.files["spec.toml"].decode())["data"]["text_field"] == PAYLOAD
     script = context.files["train.py"].decode()
     ast.parse(script)

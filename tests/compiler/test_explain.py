@@ -11,7 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from qlc.compiler.explain import derived, explain
+from qlc.compiler.context import plan_spec
+from qlc.compiler.explain import explain, settings_lines
 from qlc.compiler.load import load_spec_file
 from qlc.compiler.spec import Spec
 
@@ -47,11 +48,29 @@ def test_explain_lists_every_field_with_its_source() -> None:
     assert all(row.description for row in rows.values())
 
 
-def test_explain_derived_values() -> None:
-    spec, _ = load_spec_file(ROOT / "specs/guanaco.toml")
-    values = {row.key: row.value for row in derived(spec)}
-    assert values["derived.examples_per_optimizer_step"] == 4
-    assert values["derived.lora_scale"] == 0.25
+def test_explain_settings_are_the_plan_s_with_their_spec_keys() -> None:
+    plan, _ = plan_spec((ROOT / "specs/guanaco.toml").read_bytes(), "specs/guanaco.toml")
+    values = {row.name: row.value for row in plan.settings()}
+    assert values["examples_per_step"] == 4 and values["lora_scale"] == 0.25
+    assert values["base_matmul_dtype"] == "float16"  # quantization.compute_dtype as written
+    assert values["adapter_compute_dtype"] == "float32"  # mixed_precision = "no"
+    assert values["optimizer"] == "paged_adamw_32bit" and values["optimizer_state_bits"] == 32
+    lines = settings_lines(plan)
+    assert "substitutions: none (everything trains as the spec wrote it)" in lines
+
+
+def test_explain_names_every_substitution_and_why() -> None:
+    text = (ROOT / "specs/guanaco.toml").read_text().replace(
+        'optimizer = "paged_adamw_32bit"', 'optimizer = "paged_adamw_32bit"\nmemory = "lean"'
+    ).replace("gradient_checkpointing = true", "gradient_checkpointing = false")
+    plan, _ = plan_spec(text.encode(), "lean.toml")
+    subs = {s.key: s for s in plan.substitutions}
+    assert subs["train.optimizer"].written == "paged_adamw_32bit"
+    assert subs["train.optimizer"].effective == "paged_adamw_8bit"
+    assert "lean" in subs["train.optimizer"].why
+    assert subs["train.gradient_checkpointing"].effective is True
+    shown = "\n".join(settings_lines(plan))
+    assert 'train.optimizer: "paged_adamw_32bit" -> "paged_adamw_8bit"' in shown
 
 
 def test_explain_cli_json_matches_the_spec() -> None:
@@ -61,15 +80,21 @@ def test_explain_cli_json_matches_the_spec() -> None:
     source = tomllib.loads((ROOT / "specs/guanaco.toml").read_text())
     for section, values in source.items():
         for key, value in values.items():
-            assert shown[f"{section}.{key}"] == {"value": value, "source": "spec"}
+            assert shown["spec"][f"{section}.{key}"] == {"value": value, "source": "spec"}
+    plan, _ = plan_spec((ROOT / "specs/guanaco.toml").read_bytes(), "specs/guanaco.toml")
+    assert shown["settings"] == {
+        r.name: {"value": r.value, "source": r.source} for r in plan.settings()
+    }
+    assert shown["substitutions"] == []
 
 
 def test_explain_cli_plain_text() -> None:
     result = qlc("explain", "specs/guanaco.toml")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert any(line.startswith("lora.r ") and line.endswith("64  (spec)") for line in lines)
-    assert any(line.startswith("job.deterministic ") and "(default)" in line for line in lines)
+    assert any(line.startswith("  lora.r ") and line.endswith("64  (spec)") for line in lines)
+    assert any(line.startswith("  job.deterministic ") and "(default)" in line for line in lines)
+    assert any(line.startswith("  engine ") and "(train.engine)" in line for line in lines)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)

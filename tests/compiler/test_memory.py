@@ -17,14 +17,15 @@ from hypothesis import strategies as st
 
 from qlc.compiler.context import plan_spec
 from qlc.compiler.load import load_spec
+from qlc.compiler import memory
 from qlc.compiler.memory import (
     CUDA_CONTEXT_BYTES,
     MemoryEstimate,
     check_fit,
-    estimate,
-    estimate_for_plan,
     estimate_seed_recipe,
 )
+from qlc.compiler.plan import Plan
+from qlc.compiler.resolve import resolve
 from qlc.compiler.shapes import (
     UnknownGpu,
     UnknownShape,
@@ -68,9 +69,18 @@ def bench_spec(pipeline: str) -> Spec:
     return load_spec(text.encode(), f"bench-{pipeline}.toml").spec
 
 
+def plan_of(spec: Spec) -> Plan:
+    return resolve(spec, spec_name="t.toml", spec_sha256="0" * 64, qlc_version="0", lock=None)
+
+
+def estimate(spec: Spec, **kwargs: Any) -> MemoryEstimate:
+    """The estimate of the plan the spec compiles to (the estimate reads plans only)."""
+    return memory.estimate(plan_of(spec), **kwargs)
+
+
 def predicted(pipeline: str) -> MemoryEstimate:
     if pipeline == "seed":
-        return estimate_seed_recipe(load_spec(GUANACO.encode(), "guanaco.toml").spec)
+        return estimate_seed_recipe(plan_of(load_spec(GUANACO.encode(), "guanaco.toml").spec))
     return estimate(bench_spec(pipeline), gpu=find_gpu("H100"))
 
 
@@ -190,12 +200,13 @@ def test_optimizer_states_follow_the_optimizer() -> None:
         pooled = sum(t.bytes for t in terms if t.key.startswith("optimizer") and t.in_pool)
         return pooled, sum(t.bytes for t in terms if t.key.startswith("optimizer"))
 
-    adam32, _ = states(fast)  # the fast engine runs paged_adamw_32bit as torch's fused AdamW
+    _, adam32 = states(fast)  # paged_adamw_32bit in both engines: outside torch's pool
+    torch32, _ = states(spec_with(fast, train={"optimizer": "adamw_torch"}))
     eight, _ = states(spec_with(fast, train={"optimizer": "adamw_8bit"}))
     sgd = states(spec_with(fast, train={"optimizer": "sgd"}))
-    assert eight < adam32 / 3 and sgd == (0, 0)
+    assert torch32 == adam32 and eight < torch32 / 3 and sgd == (0, 0)
     reference_pool, reference_all = states(bench_spec("reference"))
-    assert reference_pool == 0 and reference_all == adam32  # paged: outside torch's pool
+    assert reference_pool == 0 and reference_all == adam32
 
 
 def test_fast_standard_path_follows_the_card() -> None:
@@ -252,12 +263,13 @@ def test_gpu_names() -> None:
         find_gpu("Voodoo2")
 
 
-def test_estimate_for_plan_matches_the_spec() -> None:
-    spec = bench_spec("lean")
-    plan, _ = plan_spec(GUANACO.encode(), "guanaco.toml")
-    from_plan = estimate_for_plan(plan)
-    assert from_plan.total_bytes == estimate(load_spec(GUANACO.encode(), "g.toml").spec).total_bytes
-    assert estimate_for_plan(spec.model_dump(mode="json")).total_bytes == estimate(spec).total_bytes
+def test_estimate_reads_the_plan_s_decisions() -> None:
+    """The estimate follows the plan's recomputation and optimizer: no second derivation."""
+    spec = bench_spec("reference")
+    plan = plan_of(spec_with(spec, train={"memory": "lean", "gradient_checkpointing": False}))
+    work = memory.workload(plan)
+    assert work.checkpointing and plan.engine.recompute == "every-layer"
+    assert work.optimizer == plan.engine.optimizer.name == "paged_adamw_8bit"
 
 
 # ----------------------------------------------------------------------------- the CLI

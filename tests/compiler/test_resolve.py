@@ -61,8 +61,8 @@ def test_plan_carries_inputs_and_lock() -> None:
     spec = spec_with(gpus=2)
     plan = plan_of(spec, lock)
     assert plan.lock == lock and plan.spec_name == "x.toml" and plan.qlc_version == "0.1.0"
-    assert plan.spec == spec.model_dump(mode="json")
-    assert plan.spec["runtime"]["gpus"] == 2
+    assert plan.runtime.gpus == 2 and plan.schedule.world_size == 2
+    assert plan.model.hub_id == "org/model" and plan.data.hub_id == "org/data"
 
 
 def test_resolve_is_deterministic() -> None:

@@ -1,0 +1,155 @@
+"""settle: every training setting decided once, in the plan; what no engine honours is refused
+with the spec key and the fix; what differs because the spec asked for it is a substitution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from qlc.compiler.plan import Plan
+from qlc.compiler.resolve import ResolveError, resolve
+from qlc.compiler.spec import Spec
+
+BASE: dict[str, Any] = {
+    "job": {"name": "t"},
+    "model": {"id": "org/model"},
+    "data": {"id": "org/data", "format": "text"},
+}
+
+
+def plan_with(**sections: dict[str, Any]) -> Plan:
+    document = {**BASE, **{k: {**BASE.get(k, {}), **v} for k, v in sections.items()}}
+    spec = Spec.model_validate(document)
+    return resolve(spec, spec_name="x.toml", spec_sha256="0" * 64, qlc_version="0", lock=None)
+
+
+def refused(key: str, **sections: dict[str, Any]) -> str:
+    with pytest.raises(ResolveError) as raised:
+        plan_with(**sections)
+    assert raised.value.key == key
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_the_base_computes_in_the_written_dtype_in_every_engine(engine: str, dtype: str) -> None:
+    plan = plan_with(quantization={"compute_dtype": dtype}, train={"engine": engine})
+    precision = plan.engine.precision
+    assert precision.base_matmul == dtype
+    assert precision.adapter_compute == "float32"  # mixed_precision = "no"
+    assert precision.activations == ("float32" if engine == "reference" else dtype)
+    assert not plan.substitutions
+
+
+def test_mixed_precision_sets_the_adapter_compute_and_fp16_scales_the_loss() -> None:
+    bf16 = plan_with(train={"mixed_precision": "bf16", "engine": "fast"})
+    assert bf16.engine.precision.adapter_compute == "bfloat16"
+    assert not bf16.engine.precision.loss_scaling
+    fp16 = plan_with(train={"mixed_precision": "fp16"})
+    assert fp16.engine.precision.adapter_compute == "float16" and fp16.engine.precision.loss_scaling
+
+
+def test_fp16_autocast_on_cpu_is_refused_with_the_fix() -> None:
+    message = refused("train.mixed_precision", train={"mixed_precision": "fp16"},
+                      runtime={"gpus": 0})  # fmt: skip
+    assert '"bf16" or "no"' in message
+
+
+def test_fast_engine_refuses_packing_and_fsdp() -> None:
+    assert "data.packing = false" in refused(
+        "data.packing", data={"packing": True}, train={"engine": "fast"}
+    )
+    assert 'train.engine = "reference"' in refused(
+        "runtime.distributed",
+        train={"engine": "fast"},
+        runtime={"gpus": 2, "distributed": "fsdp"},
+        quantization={"storage_dtype": "float16"},
+    )
+
+
+def test_lean_substitutions_are_named_with_their_reason() -> None:
+    plan = plan_with(train={"memory": "lean", "gradient_checkpointing": False})
+    subs = {s.key: s for s in plan.substitutions}
+    assert (subs["train.optimizer"].written, subs["train.optimizer"].effective) == (
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+    )
+    assert plan.engine.optimizer.state_bits == 8 and plan.engine.optimizer.paged
+    assert subs["train.gradient_checkpointing"].effective is True
+    assert plan.engine.recompute == "every-layer"
+    assert all("lean" in s.why for s in plan.substitutions)
+
+
+def test_without_substitutions_the_optimizer_is_the_written_one() -> None:
+    for name, bits in (("adamw_torch", 32), ("adamw_8bit", 8), ("sgd", 0), ("adafactor", 32)):
+        plan = plan_with(train={"optimizer": name})
+        assert (plan.engine.optimizer.name, plan.engine.optimizer.state_bits) == (name, bits)
+        assert not plan.substitutions
+
+
+def test_paging_needs_a_gpu() -> None:
+    assert plan_with().engine.optimizer.paged
+    assert not plan_with(runtime={"gpus": 0}).engine.optimizer.paged
+
+
+def test_recomputation_per_engine() -> None:
+    assert plan_with().engine.recompute == "every-layer"
+    assert plan_with(train={"gradient_checkpointing": False}).engine.recompute == "none"
+    assert plan_with(train={"engine": "fast"}).engine.recompute == "when-short"
+    assert plan_with(train={"engine": "fast"}, runtime={"gpus": 0}).engine.recompute == (
+        "every-layer"
+    )
+
+
+def test_the_fast_engine_s_base_weights_follow_memory_and_device() -> None:
+    assert plan_with(train={"engine": "fast"}).engine.base_weights == "dequantized"
+    lean = {"engine": "fast", "memory": "lean"}
+    assert plan_with(train=lean).engine.base_weights == "streamed"
+    assert plan_with(train=lean, runtime={"gpus": 0}).engine.base_weights == "4bit"
+    generic = plan_with(train={"engine": "fast"}, lora={"bias": "all"})
+    assert generic.engine.batches == "padded" and "lora.bias = 'all'" in generic.engine.path
+
+
+def test_examples_per_step_and_its_world_size_rule() -> None:
+    plan = plan_with(train={"batch_size": 4, "examples_per_step": 16}, runtime={"gpus": 2})
+    schedule = plan.schedule
+    assert (schedule.grad_accum, schedule.world_size, schedule.examples_per_step) == (2, 2, 16)
+    four = schedule.for_world(4)
+    assert (four.grad_accum, four.examples_per_step) == (1, 16)
+    with pytest.raises(ValueError, match="not a multiple"):
+        schedule.for_world(3)
+    fixed = plan_with(train={"batch_size": 4, "grad_accum": 2}).schedule.for_world(2)
+    assert (fixed.grad_accum, fixed.examples_per_step) == (2, 16)
+
+
+def test_steps_and_warmup_are_the_plan_s_rules() -> None:
+    schedule = plan_with(train={"batch_size": 4, "warmup_ratio": 0.03}).schedule
+    assert schedule.total_steps(950) == 238  # ceil(950 / 4), one epoch
+    assert schedule.warmup_for(238) == 8  # ceil(0.03 x 238)
+    steps = plan_with(train={"max_steps": 10, "warmup_steps": 3}).schedule
+    assert steps.total_steps(10_000) == 10 and steps.warmup_for(10) == 3
+
+
+def test_a_local_file_has_no_splits() -> None:
+    message = refused(
+        "data.eval_split", data={"id": None, "path": "d.jsonl", "eval_split": "validation"}
+    )
+    assert "data.eval_fraction" in message
+
+
+def test_smoke_variant_is_cpu_float32_and_a_few_steps() -> None:
+    plan = plan_with(train={"engine": "fast", "memory": "lean", "batch_size": 8})
+    smoke = plan.for_smoke()
+    assert smoke.runtime.gpus == 0 and smoke.quantization.compute_dtype == "float32"
+    assert smoke.engine.precision.base_matmul == "float32"
+    assert smoke.engine.base_weights == "4bit" and not smoke.engine.optimizer.paged
+    assert smoke.schedule.max_steps == 4 and smoke.schedule.batch_size == 4
+
+
+def test_settings_name_every_value_with_its_spec_key() -> None:
+    rows = plan_with().settings()
+    assert len({row.name for row in rows}) == len(rows)
+    assert all(row.source for row in rows)
+    values = {row.name: row.value for row in rows}
+    assert values["lora_scale"] == 16 / 64 and values["examples_per_step"] == 4
