@@ -136,11 +136,16 @@ def finalize(run_dir: Path, host: HostView) -> FinalManifest:
         if (run_dir / name).is_file() and report_error is None:
             records[name] = sha256_file(run_dir / name)
     try:
-        write_atomic(path, contract.manifest_bytes(data))
+        write_manifest(path, data)
         write_digest(run_dir)
     except OSError as error:  # e.g. the disk is full
         return record_unwritable(run_dir, data, problems, error)
     return replace(final, report_error=report_error)
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> None:
+    """The manifest, checked against the schema, written whole or not at all."""
+    write_atomic(path, contract.manifest_bytes(data))
 
 
 def write_digest(run_dir: Path) -> None:

@@ -60,9 +60,14 @@ def test_explain_settings_are_the_plan_s_with_their_spec_keys() -> None:
 
 
 def test_explain_names_every_substitution_and_why() -> None:
-    text = (ROOT / "specs/guanaco.toml").read_text().replace(
-        'optimizer = "paged_adamw_32bit"', 'optimizer = "paged_adamw_32bit"\nmemory = "lean"'
-    ).replace("gradient_checkpointing = true", "gradient_checkpointing = false")
+    text = (
+        (ROOT / "specs/guanaco.toml")
+        .read_text()
+        .replace(
+            'optimizer = "paged_adamw_32bit"', 'optimizer = "paged_adamw_32bit"\nmemory = "lean"'
+        )
+        .replace("gradient_checkpointing = true", "gradient_checkpointing = false")
+    )
     plan, _ = plan_spec(text.encode(), "lean.toml")
     subs = {s.key: s for s in plan.substitutions}
     assert subs["train.optimizer"].written == "paged_adamw_32bit"

@@ -8,6 +8,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qlc import contract
+from qlc.compiler.plan import Plan
+from qlc.compiler.render import plan_json
+from qlc.runtime.build import PLAN_LABEL
 from qlc.runtime.docker_engine import (
     BuildError,
     ContainerRequest,
@@ -15,6 +19,7 @@ from qlc.runtime.docker_engine import (
     ImageInfo,
     PullError,
 )
+from qlc.runtime.run import RunInputs, run_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
@@ -140,3 +145,53 @@ def copy_tiny_project(target: Path) -> Path:
     for path in [target, *target.rglob("*")]:  # the container user reads inputs as "other"
         path.chmod(0o755 if path.is_dir() else 0o644)
     return specs / "tiny.toml"
+
+
+def tiny_plan(spec: Path) -> Plan:
+    """The plan a spec compiles to (no lock needed)."""
+    from qlc.compiler.context import plan_spec
+
+    plan, _ = plan_spec(spec.read_bytes(), spec.name)
+    return plan
+
+
+def tiny_inputs(spec: Path) -> RunInputs:
+    """What `qlc run` launches for a spec: its built plan, inputs found beside the spec."""
+    return run_inputs(tiny_plan(spec), spec, spec.parents[1])
+
+
+def plan_labels(spec: Path) -> dict[str, str]:
+    """An image's labels as build writes them: the plan that every run of it reads."""
+    return {PLAN_LABEL: plan_json(tiny_plan(spec)).decode()}
+
+
+def trainer_manifest(
+    status: str, subjects: list[dict[str, object]], metrics: dict[str, object] | None = None
+) -> dict[str, object]:
+    """A manifest as the trainer writes it (schema v2), for scripted containers."""
+    run = dict.fromkeys(contract.RUN_SCHEMA)
+    run.update(seed=42, deterministic=True, smoke=False, engine="reference", world_size=1,
+               started_at="2026-01-01T00:00:00Z")  # fmt: skip
+    return {
+        "_type": contract.STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": contract.PREDICATE_TYPE,
+        "predicate": {
+            "version": contract.MANIFEST_VERSION,
+            "status": status,
+            "qlc_version": "0",
+            "spec": {"name": "specs/tiny.toml", "sha256": "s" * 64},
+            "plan_sha256": None,
+            "lock_sha256": None,
+            "image": {"id": None, "digest": None, "base": None},
+            "inputs": {"model": {}, "data": {}},
+            "run": run,
+            "effective": {},
+            "substitutions": [],
+            "decisions": [],
+            "environment": {"user": {"uid": 10001, "gid": 10001}},
+            "metrics": metrics or {},
+            "records": {},
+            "error": None,
+        },
+    }

@@ -19,7 +19,8 @@ pytest.importorskip("bitsandbytes")
 
 from tiny_runs import REPO, TINY, TRAIN, call_cli, tiny_spec
 
-from qlc.runtime.generate import encode, render_prompt, training_script
+from qlc.compiler.plan import Plan
+from qlc.runtime.generate import encode, render_prompt
 
 PROMPT = "<s>[INST] What is the capital of France? [/INST]"
 
@@ -71,24 +72,27 @@ def test_prompts_file_answers_each(
 def test_prompt_tokens_follow_training(trained_tiny_run: Path) -> None:
     from transformers import AutoTokenizer
 
-    plan = json.loads((trained_tiny_run / "plan.json").read_text())
+    from qlc.trainer.examples import tokenize
+    from qlc.trainer.render import Rendered
+
+    plan = Plan.model_validate_json((trained_tiny_run / "plan.json").read_bytes())
     tokenizer = AutoTokenizer.from_pretrained(str(trained_tiny_run / "adapter"))
-    script = training_script(plan)
-    ids = encode(render_prompt(script, plan["spec"], PROMPT, tokenizer), tokenizer)["input_ids"]
+    ids = encode(render_prompt(plan, PROMPT, tokenizer), tokenizer)["input_ids"]
     assert ids[0].tolist().count(tokenizer.bos_token_id) == 1  # the text's <s>, not doubled
     assert ids[0, 0] == tokenizer.bos_token_id
     assert ids[0, -1] != tokenizer.eos_token_id
-    example, _ = script.tokenize(script.Rendered(PROMPT, [(0, len(PROMPT))], PROMPT), tokenizer)
+    example, _ = tokenize(Rendered(PROMPT, [(0, len(PROMPT))], PROMPT), tokenizer)
     assert ids[0].tolist() == example["input_ids"][:-1]  # training's ids, less the trained EOS
 
-    instruction = {**plan["spec"], "data": {**plan["spec"]["data"], "format": "instruction"}}
-    rendered = render_prompt(script, instruction, "Name a colour.", tokenizer)
+    instruction = plan.model_copy(update={"data": plan.data.model_copy(
+        update={"format": "instruction"})})  # fmt: skip
+    rendered = render_prompt(instruction, "Name a colour.", tokenizer)
     assert rendered.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
-    chat = {**plan["spec"], "data": {**plan["spec"]["data"], "format": "chat"}}
+    chat = plan.model_copy(update={"data": plan.data.model_copy(update={"format": "chat"})})
     expected = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert render_prompt(script, chat, "Hi", tokenizer) == expected
+    assert render_prompt(chat, "Hi", tokenizer) == expected
 
 
 @pytest.mark.slow
@@ -177,7 +181,7 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
 
     opened = open_run(moved)
     assert opened.base.source == str((project / "specs" / "tiny" / "model").resolve())
-    assert opened.plan == json.loads((trained_tiny_run / "plan.json").read_text())
+    assert opened.plan == Plan.model_validate_json((trained_tiny_run / "plan.json").read_bytes())
 
     (project / "specs" / "tiny.toml").write_bytes(tiny_spec(TRAIN + "weight_decay = 0.5\n"))
     with pytest.raises(RunInputError, match="no plan with the manifest's plan_sha256"):
@@ -188,25 +192,27 @@ def test_container_run_finds_its_plan_and_model_through_the_recorded_spec(
 def test_model_card_written_before_the_final_manifest_keeps_the_run_usable(
     trained_tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The order train.py is asked to use: card first, then its own finish_manifest hashes
-    adapter/ (card included), then the manifest is written."""
+    """The order the trainer uses: card first, then finish_manifest hashes adapter/ (card
+    included), then the manifest is written."""
     import yaml
 
-    from qlc.templates.model_card import write_model_card
+    from qlc.contract import sha256_file
+    from qlc.trainer.model_card import write_model_card
+    from qlc.trainer.provenance import finish_manifest, write_manifest
 
     run = copy_run(trained_tiny_run, tmp_path / "run")
-    plan = json.loads((run / "plan.json").read_text())
+    plan = Plan.model_validate_json((run / "plan.json").read_bytes())
     manifest = json.loads((run / "manifest.json").read_text())
-    script = training_script(plan)
     card = write_model_card(run, plan, manifest)
-    script.finish_manifest(manifest, run, "succeeded", None)
-    script.write_json_atomic(run / "manifest.json", manifest)
+    finish_manifest(manifest, run, "succeeded", None)
+    write_manifest(run, manifest)
 
     subjects = {s["name"]: s["digest"]["sha256"] for s in manifest["subject"]}
-    assert subjects["adapter/README.md"] == script.sha256_file(card)
+    assert subjects["adapter/README.md"] == sha256_file(card)
     text = card.read_text(encoding="utf-8")
     header = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
-    assert header["base_model"] == plan["spec"]["model"]["path"]
+    assert "base_model" not in header  # a local model folder is no hub id
+    assert "the local model folder `model`" in text
     assert f"sha256:{subjects['adapter/adapter_model.safetensors']}" in text
     assert f"sha256:{manifest['predicate']['plan_sha256']}" in text
     args = ["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", "4"]
@@ -224,10 +230,9 @@ def test_the_trained_run_carries_its_model_card(trained_tiny_run: Path) -> None:
     card = trained_tiny_run / "adapter" / "README.md"
     text = card.read_text(encoding="utf-8")
     header = yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
-    plan = json.loads((trained_tiny_run / "plan.json").read_text())
     manifest = json.loads((trained_tiny_run / "manifest.json").read_text())
     subjects = {s["name"]: s["digest"]["sha256"] for s in manifest["subject"]}
-    assert header["base_model"] == plan["spec"]["model"]["path"]
+    assert "base_model" not in header and "datasets" in header
     assert header["library_name"] == "peft" and "qlc" in header["tags"]
     assert subjects["adapter/README.md"] == hashlib.sha256(card.read_bytes()).hexdigest()
     assert f"sha256:{subjects['adapter/adapter_model.safetensors']}" in text

@@ -6,6 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from runtime_fakes import trainer_manifest
+
 from qlc.runtime.manifest import (
     MANIFEST_DIGEST,
     HostView,
@@ -50,17 +52,7 @@ def write_run(run_dir: Path, status: str, adapter: bytes | None = b"weights") ->
         '{"event": "train", "step": 1, "loss": 2.0}\n{"event": "eval", "step": 2, '
         '"eval_loss": 1.9}\n{"event": "train", "step": 2, "loss": 1.5}\n{"step": 3, "lo'
     )
-    manifest = {
-        "_type": "https://in-toto.io/Statement/v1",
-        "subject": subjects,
-        "predicateType": "urn:qlc:manifest:v1",
-        "predicate": {
-            "status": status,
-            "spec": {"name": "specs/tiny.toml", "sha256": "a"},
-            "metrics": {"final_loss": 1.5},
-            "error": None,
-        },
-    }
+    manifest = trainer_manifest(status, subjects, {"final_loss": 1.5})
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -177,7 +169,7 @@ def test_full_disk_records_the_run_as_failed_in_place(tmp_path: Path, monkeypatc
     import qlc.runtime.manifest as manifest_module
 
     write_run(tmp_path, "running")
-    monkeypatch.setattr(manifest_module, "write_json_atomic", _disk_full)
+    monkeypatch.setattr(manifest_module, "write_manifest", _disk_full)
     final = finalize(tmp_path, host(exit_code=1))
     assert final.write_error is not None and final.manifest_updated
     data = json.loads((tmp_path / "manifest.json").read_text())
@@ -194,7 +186,6 @@ def test_a_succeeded_run_whose_manifest_cannot_be_written_is_not_claimed(
 
     write_run(tmp_path, "succeeded")
     (tmp_path / MANIFEST_DIGEST).write_text("stale  manifest.json\n")
-    monkeypatch.setattr(manifest_module, "write_json_atomic", _disk_full)
     monkeypatch.setattr(manifest_module, "write_atomic", _disk_full)
     final = finalize(tmp_path, host())
     data = json.loads((tmp_path / "manifest.json").read_text())
@@ -206,7 +197,7 @@ def test_manifest_that_cannot_be_rewritten_at_all_is_reported(tmp_path: Path, mo
     import qlc.runtime.manifest as manifest_module
 
     write_run(tmp_path, "running")
-    for name in ("write_json_atomic", "write_in_place"):
+    for name in ("write_manifest", "write_in_place"):
         monkeypatch.setattr(manifest_module, name, _disk_full)
     final = finalize(tmp_path, host(exit_code=1))
     assert final.write_error is not None and not final.manifest_updated

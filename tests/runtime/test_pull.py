@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from runtime_fakes import FakeEngine
+from runtime_fakes import FakeEngine, tiny_inputs, trainer_manifest
 
 from qlc.runtime import records
 from qlc.runtime.docker_engine import ContainerRequest, ImageInfo, PullError
 from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
-from qlc.runtime.run import RunInputError, resolve_inputs, run, run_container
+from qlc.runtime.run import RunFailed, RunInputError, run, run_container
 
 QUIET = Console(quiet=True)
 IMAGE_ID = "sha256:" + hashlib.sha256(b"built image config").hexdigest()
@@ -23,8 +23,8 @@ DIGEST = "sha256:" + hashlib.sha256(b"pushed manifest").hexdigest()
 REFERENCE = f"127.0.0.1:5000/qlc/tiny@{DIGEST}"
 
 
-def image(image_id: str = IMAGE_ID) -> ImageInfo:
-    return ImageInfo(image_id, (), {}, (), "10001:10001")
+def image(image_id: str = IMAGE_ID, labels: dict[str, str] | None = None) -> ImageInfo:
+    return ImageInfo(image_id, (), labels or {}, (), "10001:10001")
 
 
 def pushed_record(spec: Path, registry_digest: str | None = REFERENCE) -> records.BuildRecord:
@@ -39,8 +39,8 @@ def pushed_record(spec: Path, registry_digest: str | None = REFERENCE) -> record
     )  # fmt: skip
 
 
-def writes_manifest(request: ContainerRequest) -> None:
-    """What train.py records of the image: QLC_IMAGE_ID / QLC_IMAGE_DIGEST from its env."""
+def writes_manifest(request: ContainerRequest, status: str = "succeeded") -> None:
+    """What the trainer records of the image: QLC_IMAGE_ID / QLC_IMAGE_DIGEST from its env."""
     out = Path(next(m.source for m in request.mounts if m.target == "/out"))
     env = request.environment
     (out / "adapter").mkdir(exist_ok=True)
@@ -48,14 +48,10 @@ def writes_manifest(request: ContainerRequest) -> None:
     weights.write_bytes(b"weights")
     subject = {"name": "adapter/adapter_model.safetensors",
                "digest": {"sha256": hashlib.sha256(b"weights").hexdigest()}}  # fmt: skip
-    predicate = {
-        "status": "succeeded",
-        "image": {"id": env.get("QLC_IMAGE_ID"), "digest": env.get("QLC_IMAGE_DIGEST")},
-        "metrics": {"final_loss": 0.5},
-        "error": None,
-    }
-    statement = {"_type": "https://in-toto.io/Statement/v1", "subject": [subject],
-                 "predicateType": "urn:qlc:manifest:v1", "predicate": predicate}  # fmt: skip
+    statement = trainer_manifest(status, [subject] if status == "succeeded" else [],
+                                 {"final_loss": 0.5})  # fmt: skip
+    image = {"id": env.get("QLC_IMAGE_ID"), "digest": env.get("QLC_IMAGE_DIGEST"), "base": None}
+    statement["predicate"]["image"] = image  # type: ignore[index]
     (out / "manifest.json").write_text(json.dumps(statement))
 
 
@@ -99,7 +95,7 @@ def test_pull_verified_refuses_an_image_the_daemon_does_not_list_under_the_diges
 def test_run_pulls_a_pushed_build_the_daemon_no_longer_has(tiny_project: Path) -> None:
     engine = FakeEngine(registry={REFERENCE: image()}, on_start=writes_manifest)
     result = run_container(
-        pushed_record(tiny_project), resolve_inputs(tiny_project), engine=engine,
+        pushed_record(tiny_project), tiny_inputs(tiny_project), engine=engine,
         console=QUIET, environ={},
     )  # fmt: skip
     assert result.status == "succeeded"
@@ -108,7 +104,7 @@ def test_run_pulls_a_pushed_build_the_daemon_no_longer_has(tiny_project: Path) -
     assert request.image == IMAGE_ID
     assert request.environment["QLC_IMAGE_DIGEST"] == REFERENCE
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["predicate"]["image"] == {"id": IMAGE_ID, "digest": REFERENCE}
+    assert manifest["predicate"]["image"] == {"id": IMAGE_ID, "digest": REFERENCE, "base": None}
 
 
 def test_run_that_cannot_pull_says_how_to_fix(tiny_project: Path) -> None:
@@ -116,7 +112,7 @@ def test_run_that_cannot_pull_says_how_to_fix(tiny_project: Path) -> None:
     engine = FakeEngine(pull_error=refused)
     with pytest.raises(PullError, match=r"not in the daemon and cannot pull .*\nfix: make"):
         run_container(
-            pushed_record(tiny_project), resolve_inputs(tiny_project), engine=engine,
+            pushed_record(tiny_project), tiny_inputs(tiny_project), engine=engine,
             console=QUIET, environ={},
         )  # fmt: skip
     assert engine.created == []
@@ -126,7 +122,7 @@ def test_run_refuses_a_pulled_image_that_is_not_the_build(tiny_project: Path) ->
     engine = FakeEngine(registry={REFERENCE: image("sha256:" + "9" * 64)})
     with pytest.raises(RunInputError, match="but the record names image"):
         run_container(
-            pushed_record(tiny_project), resolve_inputs(tiny_project), engine=engine,
+            pushed_record(tiny_project), tiny_inputs(tiny_project), engine=engine,
             console=QUIET, environ={},
         )  # fmt: skip
     assert engine.created == []
@@ -136,7 +132,7 @@ def test_unpushed_build_missing_from_the_daemon_is_not_pulled(tiny_project: Path
     engine = FakeEngine(registry={REFERENCE: image()})
     with pytest.raises(RunInputError, match=r"is not in the daemon .*qlc build"):
         run_container(
-            pushed_record(tiny_project, registry_digest=None), resolve_inputs(tiny_project),
+            pushed_record(tiny_project, registry_digest=None), tiny_inputs(tiny_project),
             engine=engine, console=QUIET, environ={},
         )  # fmt: skip
     assert not [call for call in engine.calls if call.startswith("pull")]
@@ -149,13 +145,17 @@ def test_digest_reaches_the_manifest_after_push_spec_cache_hit_and_resume(
     from qlc.runtime.build import build
 
     project = tiny_project.parents[1]
-    engine = FakeEngine(on_start=writes_manifest)
+    engine = FakeEngine(on_start=lambda request: writes_manifest(request, "interrupted"))
+    engine.exit_code = 143  # preempted: the run continues with --resume
     built = build(tiny_project, "qlc-base:bookworm", project_dir=project, engine=engine)
     records.record_push(project, "tiny", "127.0.0.1:5000/qlc/tiny:x", REFERENCE)
-    first = run(
-        str(tiny_project), base_image="qlc-base:bookworm", project_dir=project,
-        engine=engine, console=QUIET, environ={},
-    )  # fmt: skip
+    with pytest.raises(RunFailed) as stopped:
+        run(
+            str(tiny_project), base_image="qlc-base:bookworm", project_dir=project,
+            engine=engine, console=QUIET, environ={},
+        )  # fmt: skip
+    first = stopped.value.result
+    engine.on_start, engine.exit_code = writes_manifest, 0
     assert len(engine.builds) == 1  # the spec's build was a cache hit
     assert records.last_build(project).registry_digest == REFERENCE
     resumed = run(

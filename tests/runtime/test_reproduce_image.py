@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from runtime_fakes import FakeEngine
+from runtime_fakes import FakeEngine, tiny_inputs
 
 from qlc.runtime import records
 from qlc.runtime.docker_engine import ImageInfo, PullError
 from qlc.runtime.reproduce import Verdict, image_for
-from qlc.runtime.run import RunInputs, resolve_inputs
+from qlc.runtime.run import RunInputs
 
 IMAGE_ID = "sha256:" + hashlib.sha256(b"recorded image config").hexdigest()
 OTHER_ID = "sha256:" + hashlib.sha256(b"another image config").hexdigest()
@@ -61,7 +61,7 @@ def built(tiny_project: Path) -> tuple[Path, RunInputs]:
     """A project whose build record names IMAGE_ID."""
     project = tiny_project.parents[1]
     records.save_build(project, recorded(tiny_project))
-    return project, resolve_inputs(tiny_project)
+    return project, tiny_inputs(tiny_project)
 
 
 def test_manifest_digest_pulls_the_pushed_image(built: tuple[Path, RunInputs]) -> None:
@@ -156,7 +156,7 @@ def test_pulled_image_without_a_project_record_gets_its_tag_back_and_is_a_cache_
     host = {"image_id": first.image_id, "image_tag": first.tag,
             "base_image": "qlc-base:bookworm", "base_image_overridden": True}  # fmt: skip
     predicate = {"image": {"id": first.image_id, "digest": REFERENCE}}
-    inputs = resolve_inputs(tiny_project)
+    inputs = tiny_inputs(tiny_project)
     quiet = Console(quiet=True)
     record = image_for(host, predicate, inputs, verdicts, engine, project, quiet, True)
     assert record is not None and record.image_id == first.image_id and record.cache_hit

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from runtime_fakes import FakeEngine
+from runtime_fakes import FakeEngine, tiny_inputs, trainer_manifest
 
 from qlc.runtime import records
 from qlc.runtime.docker_engine import ContainerRequest, EngineError, ImageInfo, host_config_kwargs
@@ -19,7 +19,6 @@ from qlc.runtime.run import (
     RunFailed,
     RunInputError,
     container_user,
-    resolve_inputs,
     run,
     run_container,
 )
@@ -66,6 +65,12 @@ def edit_spec(spec: Path, section: str, line: str) -> None:
     spec.write_text(text)
 
 
+def use_gpus(spec: Path, gpus: int) -> None:
+    """The tiny spec on GPUs (the GPU base image brings its own Python)."""
+    text = spec.read_text().replace("gpus = 0", f"gpus = {gpus}")
+    spec.write_text(text.replace('python = "3.11"\n', ""))
+
+
 def out_dir(request: ContainerRequest) -> Path:
     return Path(next(m.source for m in request.mounts if m.target == "/out"))
 
@@ -92,18 +97,7 @@ def script_writes(status: str, with_adapter: bool = True) -> Callable[[Container
                 for s in range(1, 5)
             )
         )
-        manifest = {
-            "_type": "https://in-toto.io/Statement/v1",
-            "subject": subjects,
-            "predicateType": "urn:qlc:manifest:v1",
-            "predicate": {
-                "status": status,
-                "spec": {"name": "specs/tiny.toml"},
-                "metrics": {"final_loss": 0.75},
-                "error": None,
-                "environment": {"user": {"uid": 10001, "gid": 10001}},
-            },
-        }
+        manifest = trainer_manifest(status, subjects, {"final_loss": 0.75})
         (out / "manifest.json").write_text(json.dumps(manifest))
 
     return write
@@ -111,12 +105,12 @@ def script_writes(status: str, with_adapter: bool = True) -> Callable[[Container
 
 def test_gpu_count_becomes_a_device_request(tiny_project: Path) -> None:
     edit_spec(tiny_project, "runtime", "")
-    tiny_project.write_text(tiny_project.read_text().replace("gpus = 0", "gpus = 2"))
+    use_gpus(tiny_project, 2)
     engine = engine_with_image()
     engine.on_start = script_writes("succeeded")
     run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         engine=engine,
         console=QUIET,
         environ={},
@@ -128,12 +122,12 @@ def test_gpu_count_becomes_a_device_request(tiny_project: Path) -> None:
 
 
 def test_cpu_spec_and_smoke_request_no_gpu(tiny_project: Path) -> None:
-    tiny_project.write_text(tiny_project.read_text().replace("gpus = 0", "gpus = 1"))
+    use_gpus(tiny_project, 1)
     engine = engine_with_image()
     engine.on_start = script_writes("succeeded")
     run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         smoke=True,
         engine=engine,
         console=QUIET,
@@ -149,7 +143,7 @@ def test_container_is_isolated_with_read_only_inputs(tiny_project: Path) -> None
     engine.on_start = script_writes("succeeded")
     result = run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         engine=engine,
         console=QUIET,
         environ={},
@@ -177,7 +171,7 @@ def test_hub_spec_gets_a_network(tiny_project: Path) -> None:
     engine.on_start = script_writes("succeeded")
     run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         engine=engine,
         console=QUIET,
         environ={},
@@ -195,7 +189,7 @@ def test_secrets_reach_the_container_only(tiny_project: Path) -> None:
     records.save_build(project, record_for(tiny_project))
     result = run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         engine=engine,
         console=QUIET,
         environ={"HF_TOKEN": SECRET},
@@ -213,7 +207,7 @@ def test_missing_secret_is_warned_not_invented(tiny_project: Path) -> None:
     engine.on_start = script_writes("succeeded")
     run_container(
         record_for(tiny_project),
-        resolve_inputs(tiny_project),
+        tiny_inputs(tiny_project),
         engine=engine,
         console=QUIET,
         environ={},
@@ -229,7 +223,7 @@ def test_exit_failure_is_reported_and_no_adapter_claimed(tiny_project: Path) -> 
     with pytest.raises(RunFailed) as caught:
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine,
             console=QUIET,
             environ={},
@@ -250,7 +244,7 @@ def test_oom_kill_is_named(tiny_project: Path) -> None:
     with pytest.raises(RunFailed, match="lack of memory"):
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine,
             console=QUIET,
             environ={},
@@ -266,7 +260,7 @@ def test_ctrl_c_stops_the_container_and_records_interrupted(tiny_project: Path) 
     with pytest.raises(RunFailed, match="interrupted") as caught:
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine,
             console=QUIET,
             environ={},
@@ -277,13 +271,13 @@ def test_ctrl_c_stops_the_container_and_records_interrupted(tiny_project: Path) 
 
 
 def test_gpu_start_failure_explains_the_toolkit(tiny_project: Path) -> None:
-    tiny_project.write_text(tiny_project.read_text().replace("gpus = 0", "gpus = 1"))
+    use_gpus(tiny_project, 1)
     engine = engine_with_image()
     engine.start_error = EngineError('could not select device driver "" with capabilities: [[gpu]]')
     with pytest.raises(RunFailed) as caught:
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine,
             console=QUIET,
             environ={},
@@ -296,7 +290,7 @@ def test_gpu_start_failure_explains_the_toolkit(tiny_project: Path) -> None:
 def test_missing_model_directory_is_a_user_error(tiny_project: Path) -> None:
     tiny_project.write_text(tiny_project.read_text().replace("tiny/model", "tiny/absent"))
     with pytest.raises(RunInputError, match=r"model\.path"):
-        resolve_inputs(tiny_project)
+        tiny_inputs(tiny_project)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can hand files to another user")
@@ -305,7 +299,7 @@ def test_inputs_the_container_cannot_read_are_refused(tiny_project: Path) -> Non
     with pytest.raises(RunInputError, match="cannot read"):
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine_with_image(),
             console=QUIET,
             environ={},
@@ -372,7 +366,7 @@ def test_full_disk_is_a_run_failure_that_says_how_to_resume(
     def disk_full(*args: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(manifest_module, "write_json_atomic", disk_full)
+    monkeypatch.setattr(manifest_module, "write_manifest", disk_full)
     engine = engine_with_image()
     engine.exit_code = 1
     engine.log_lines = ["OSError: [Errno 28] No space left on device"]
@@ -380,7 +374,7 @@ def test_full_disk_is_a_run_failure_that_says_how_to_resume(
     with pytest.raises(RunFailed) as caught:
         run_container(
             record_for(tiny_project),
-            resolve_inputs(tiny_project),
+            tiny_inputs(tiny_project),
             engine=engine,
             console=QUIET,
             environ={},

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from runtime_fakes import copy_tiny_project
+from runtime_fakes import copy_tiny_project, tiny_inputs
 
 from qlc.runtime.docker_engine import ContainerRequest, DockerEngine
 from qlc.runtime.records import BuildRecord, last_build
-from qlc.runtime.run import container_request, container_user, resolve_inputs
+from qlc.runtime.run import container_request, container_user
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 QLC = str(Path(sys.executable).parent / "qlc")
@@ -141,7 +141,7 @@ def test_inputs_are_read_only_and_the_user_is_not_root(
 ) -> None:
     """The same request qlc runs with, with probes instead of the training script."""
     project, run_dir = first_run
-    inputs = resolve_inputs(project / "specs" / "tiny.toml")
+    inputs = tiny_inputs(project / "specs" / "tiny.toml")
     engine = DockerEngine()
     user = container_user(engine.find_image(tiny_image.image_id).user)
     request = container_request(tiny_image, inputs, run_dir, user, False, {})
