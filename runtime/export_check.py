@@ -30,7 +30,7 @@ from qlc.compiler.plan import Plan
 from qlc.compiler.shapes import GIB, UnknownGpu, UnknownShape, find_gpu
 from qlc.compiler.spec import Spec
 from qlc.contract import CONTAINER_GID, CONTAINER_UID, CONTAINER_USER, ENV_SMOKE
-from qlc.runtime.docker_engine import ContainerRequest, Engine, Mount
+from qlc.runtime.docker_engine import ContainerRequest, Engine, EngineError, Mount
 from qlc.runtime.export import OUTPUT_MOUNT, PYTHON, Export, launch_command
 from qlc.runtime.export_gpus import COMPUTE_CAPABILITY, runs_on
 
@@ -168,12 +168,16 @@ def output_finding(engine: Engine, image: str, result: Export, stand_in: Path) -
 
 
 def run_to_end(engine: Engine, request: ContainerRequest) -> tuple[int, list[str]]:
-    """Run a container to its end; its exit code and output lines. It is removed after."""
+    """Run a container to its end; its exit code and output lines (-1 and the daemon's words
+    when it cannot start). It is removed after."""
     if engine.find_image(request.image) is None:
         engine.pull(request.image)
     container = engine.create(request)
     try:
-        engine.start(container)
+        try:
+            engine.start(container)
+        except EngineError as error:  # e.g. the command is not in the image
+            return -1, [str(error)]
         code = engine.wait(container)
         return code, list(engine.logs(container))
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from qlc.compiler.plan import Plan
 from qlc.runtime.export import Export, export
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "export"
+GUANACO = Path(__file__).resolve().parents[2] / "specs" / "guanaco.toml"
 # A clearly fake digest for tests only: sha256 of b"qlc-test-image".
 TEST_DIGEST = "sha256:" + hashlib.sha256(b"qlc-test-image").hexdigest()
 IMAGE = f"registry.example.com/qlc/export-test@{TEST_DIGEST}"
@@ -101,6 +103,16 @@ MAIN_FILE = {"kubernetes": "job.yaml", "aws-batch": "job-definition.json",
 def main_file(case: str, **changes: Any) -> str:
     """The job file of a case (AWS Batch: its job definition)."""
     return export_case(case, **changes).files[MAIN_FILE[CASES[case][1]["target"]]]
+
+
+def guanaco_with_checkpoints(directory: Path, output_dir: str = "runs") -> Path:
+    """specs/guanaco.toml (hub model and data) with train.save_steps, beside its lock."""
+    spec = directory / "guanaco.toml"
+    text = GUANACO.read_text(encoding="utf-8").replace("[train]\n", "[train]\nsave_steps = 25\n")
+    text = text.replace('output_dir = "runs"', f"output_dir = {json.dumps(output_dir)}")
+    spec.write_text(text, encoding="utf-8")
+    shutil.copy(GUANACO.with_suffix(".lock"), directory / "guanaco.lock")
+    return spec
 
 
 # --- each service's own model -----------------------------------------------------------------

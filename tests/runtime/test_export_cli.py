@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from export_support import IMAGE, ROLE, validate_aws, validate_kubernetes
+from export_support import (
+    GUANACO,
+    IMAGE,
+    ROLE,
+    guanaco_with_checkpoints,
+    validate_aws,
+    validate_kubernetes,
+)
 from typer.testing import CliRunner
 
 from qlc.cli import UserError, app
 from qlc.compiler.context import compile_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GUANACO = REPO_ROOT / "specs" / "guanaco.toml"
 EFS = ["--volume", "fs-0123456789abcdef0", "--efs-access-point", "fsap-0123456789abcdef0",
        "--execution-role", ROLE]  # fmt: skip
-
-
-def guanaco_with_checkpoints(directory: Path) -> Path:
-    """specs/guanaco.toml (hub model and data) with train.save_steps, beside its lock."""
-    spec = directory / "guanaco.toml"
-    text = GUANACO.read_text(encoding="utf-8").replace("[train]\n", "[train]\nsave_steps = 25\n")
-    spec.write_text(text, encoding="utf-8")
-    shutil.copy(GUANACO.with_suffix(".lock"), directory / "guanaco.lock")
-    return spec
 
 
 def test_export_writes_a_jobset_and_prints_the_run_directory_and_requirements(
