@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import secrets as random_tokens
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,7 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions, run_id: str) -
     if shape.multi:  # every node's launcher reads it (the run directory is shared)
         protocol[ENV_USER_ERROR_FILE] = f"{shape.run_dir}/{USER_ERROR_FLAG}"
     env = {**plan.runtime.env, **protocol}
-    return JobShape(**{**shape.__dict__, "env": dict(sorted(env.items()))})
+    return replace(shape, env=dict(sorted(env.items())))
 
 
 def job_gpus(plan: Plan, options: ExportOptions) -> int:
