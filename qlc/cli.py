@@ -31,7 +31,9 @@ from qlc.compiler.spec import Spec
 
 if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fast
     from qlc.compiler.context import BuildContext
+    from qlc.compiler.plan import Plan
     from qlc.compiler.shapes import ModelShape
+    from qlc.runtime.export import Export
 
 app = typer.Typer(
     name="qlc",
@@ -500,7 +502,14 @@ def export_command(
     target: Annotated[
         str, typer.Option("--target", help="kubernetes|aws-batch|gcp-batch|skypilot")
     ],
-    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (several: torch rendezvous).")] = 1,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            "--nodes",
+            help="Nodes: several run torchrun with elastic c10d rendezvous (Kubernetes: a "
+            "JobSet on ReadWriteMany storage).",
+        ),
+    ] = 1,
     gpus_per_node: Annotated[
         int | None, typer.Option("--gpus-per-node", help="Default: the spec's runtime.gpus.")
     ] = None,
@@ -516,9 +525,26 @@ def export_command(
     ] = None,
     volume: Annotated[
         str | None,
-        typer.Option("--volume", help="Kubernetes PVC or AWS EFS id for a local output_dir."),
+        typer.Option(
+            "--volume",
+            help="Kubernetes PVC (ReadWriteMany for several nodes) or AWS EFS id (fs-...) for "
+            "a relative output_dir.",
+        ),
     ] = None,
-    retries: Annotated[int, typer.Option("--retries", help="Retries after preemption.")] = 3,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries",
+            help="Retries after preemption only (never after a user error); needs "
+            "train.save_steps in the spec. 0: none.",
+        ),
+    ] = 3,
+    spot: Annotated[
+        bool,
+        typer.Option(
+            "--spot", help="GCP Batch, SkyPilot: Spot VMs (AWS multi-node jobs cannot run on Spot)."
+        ),
+    ] = False,
     instance_type: Annotated[
         str | None, typer.Option("--instance-type", help="AWS instance / GCP machine type.")
     ] = None,
@@ -534,41 +560,109 @@ def export_command(
     execution_role: Annotated[
         str | None, typer.Option("--execution-role", help="AWS Batch: role that reads secrets.")
     ] = None,
+    efs_access_point: Annotated[
+        str | None,
+        typer.Option(
+            "--efs-access-point",
+            help="AWS Batch: EFS access point (fsap-...) with POSIX user 10001:10001, required "
+            "with --volume fs-...",
+        ),
+    ] = None,
+    job_role: Annotated[
+        str | None,
+        typer.Option(
+            "--job-role", help="AWS Batch: the job's IAM role; mounts EFS with IAM authorization."
+        ),
+    ] = None,
     cpus: Annotated[int | None, typer.Option("--cpus", min=1, help="AWS Batch: vCPUs.")] = None,
     memory_gib: Annotated[
         int | None, typer.Option("--memory-gib", min=1, help="AWS Batch: memory in GiB.")
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Before writing, run the job's image here as the job's user: output writable "
+            "and renamable, memory estimate and GPU architectures against the instance's GPU, "
+            "then a smoke run of the job's command (needs Docker).",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace existing job files.")] = False,
 ) -> None:
-    """Write a ready-to-submit job file that runs the pushed image, pinned by digest."""
-    from qlc.runtime import records
+    """Write ready-to-submit job files that run the pushed image, pinned by digest, in a run
+    directory of their own (<output>/<job>/<run id>, the same for every retry)."""
     from qlc.runtime.export import ExportError, export, write_export
 
     plan = compile_path(spec).plan
-    job = plan.job.name
-    if image is None:
-        with runtime_errors():
-            record = records.job_build(Path.cwd(), job)
-        if record is None or record.registry_digest is None:
-            raise UserError(
-                f"{spec}: no pushed image of job {job!r}: run `qlc build {spec}` and "
-                f"`qlc push {spec} --registry HOST/REPO`, or pass --image REPO@sha256:..."
-            )
-        if record.spec_sha256 != plan.spec_sha256:
-            raise UserError(f"{spec} changed since its last build: rebuild and push it first")
-        image = record.registry_digest
+    image = image or pushed_image(spec, plan)
     try:
-        files = export(
+        result = export(
             plan, image, target, nodes=nodes, gpus_per_node=gpus_per_node,
             kueue_queue=kueue_queue, volume=volume, retries=retries,
             instance_type=instance_type, accelerator=accelerator, job_queue=job_queue,
             project=project, execution_role=execution_role, cpus=cpus, memory_gib=memory_gib,
+            efs_access_point=efs_access_point, job_role=job_role, spot=spot,
         )  # fmt: skip
-        paths = write_export(files, output or Path("export") / job / target, overwrite=force)
+        if check:
+            check_export(spec, plan, result, image)
+        paths = write_export(
+            result.files, output or Path("export") / plan.job.name / target, overwrite=force
+        )
     except ExportError as error:
         raise UserError(str(error)) from None
     for path in paths:
         out.print(f"{path}: {target} job for {image}", markup=False)
+    out.print(f"run id: {result.run_id}", markup=False)
+    out.print(f"run directory: {result.run_location} ({result.run_dir} in the job)", markup=False)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
+
+
+def pushed_image(spec: Path, plan: Plan) -> str:
+    """The registry digest recorded when the spec's image was pushed."""
+    from qlc.runtime import records
+
+    job = plan.job.name
+    with runtime_errors():
+        record = records.job_build(Path.cwd(), job)
+    if record is None or record.registry_digest is None:
+        raise UserError(
+            f"{spec}: no pushed image of job {job!r}: run `qlc build {spec}` and "
+            f"`qlc push {spec} --registry HOST/REPO`, or pass --image REPO@sha256:..."
+        )
+    if record.spec_sha256 != plan.spec_sha256:
+        raise UserError(f"{spec} changed since its last build: rebuild and push it first")
+    digest: str = record.registry_digest
+    return digest
+
+
+def check_export(spec: Path, plan: Plan, result: Export, image: str) -> None:
+    """`qlc export --check`: the checks that need no training, then the smoke run; print each
+    finding; RunFailure (nothing written) when one fails."""
+    import shutil
+
+    from qlc.runtime.docker_engine import DockerEngine
+    from qlc.runtime.export_check import preflight, prepare_stand_in, smoke
+
+    loaded, _ = load_spec_file(spec)
+    stand_in = Path(tempfile.mkdtemp(prefix="qlc-export-check-")) / "output"
+    try:
+        with runtime_errors():
+            engine = DockerEngine()
+            prepare_stand_in(stand_in)
+            findings = preflight(plan, loaded, result, engine, image, stand_in)
+            if all(finding.ok is not False for finding in findings):
+                log = Path("export") / plan.job.name / f"check-{result.run_id}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                findings.append(smoke(engine, image, plan, result, stand_in, os.environ, log, err))
+    finally:
+        shutil.rmtree(stand_in.parent, ignore_errors=True)
+    for finding in findings:
+        mark = {True: "ok  ", False: "FAIL", None: "?   "}[finding.ok]
+        out.print(f"{mark} {finding.check}: {finding.detail}", markup=False)
+    failed = [finding.check for finding in findings if finding.ok is False]
+    if failed:
+        raise RunFailure(f"qlc export --check: {', '.join(failed)} failed; no job file written")
 
 
 @contextlib.contextmanager

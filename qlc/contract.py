@@ -166,11 +166,15 @@ CONTAINER_USER = f"{CONTAINER_UID}:{CONTAINER_GID}"
 CONTAINER_OUTPUT_DIR = "/out"
 CONTAINER_INPUTS_DIR = "/inputs"
 CONTAINER_APP_DIR = "/qlc"  # train.py, plan.json and the trainer package in the image
+CONTAINER_VENV = "/opt/venv"  # the image's Python environment (bin/python, bin/torchrun)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a preempted run saved a checkpoint; retry resumes it
 RETRYABLE_EXIT_CODES = (EXIT_PREEMPTED, 137)  # preemption / SIGKILL by the platform
+# Seconds an exported job gives the trainer between SIGTERM (preemption) and SIGKILL, where the
+# service lets the job file say so: the trainer's checkpoint on SIGTERM must fit in it.
+PREEMPTION_GRACE_S = 120
 
 
 # ---------------------------------------------------------------------------------------------

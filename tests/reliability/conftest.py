@@ -47,7 +47,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"{'category':<22}{'tests':>7}{'cases':>9}{'failures':>10}{'known defects':>15}"
         f"{'skipped':>9}"
     )
-    names = [*sorted(CATEGORIES.values()), "other"]
+    names = [*sorted(set(CATEGORIES.values())), "other"]  # modules may share a category
     for name in names:
         if ITEMS[name]:
             write(

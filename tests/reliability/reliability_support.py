@@ -23,6 +23,7 @@ TINY_LOCK = SPECS / "tiny.lock"
 CATEGORIES = {
     "test_bad_input": "1 bad input",
     "test_injection": "2 injection",
+    "test_export_roundtrip": "2 injection",
     "test_faults": "3 faults",
     "test_secrets": "4 secrets, isolation",
     "test_concurrency": "5 load",

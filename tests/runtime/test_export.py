@@ -1,88 +1,47 @@
-"""qlc export: golden job files per target, validated by each engine's own schema or client
-model, and the refusals. Regenerate the goldens with QLC_UPDATE_GOLDEN=1 and review the diff."""
+"""qlc export: golden job files per target, validated by each service's own model, the fixes of
+issue 16 asserted in the rendered files, and the refusals. Regenerate the goldens with
+QLC_UPDATE_GOLDEN=1 and review the diff (SkyPilot's own loader: regen_skypilot_schema.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from export_support import (
+    CASES,
+    EFS,
+    GOLDEN,
+    IMAGE,
+    JOB_ROLE,
+    NOTE,
+    RUN_ID,
+    export_case,
+    jobset_model,
+    main_file,
+    make_plan,
+    validate,
+    validate_aws,
+    validate_gcp,
+    validate_kubernetes,
+    validate_skypilot,
+)
 
 from qlc.compiler.context import compile_spec
-from qlc.compiler.plan import Plan
-from qlc.runtime.export import TARGETS, ExportError, export, write_export
+from qlc.contract import PREEMPTION_GRACE_S, USER_ERROR_FLAG
+from qlc.runtime.export import TARGETS, ExportError, export, new_run_id, write_export
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "export"
 UPDATE = os.environ.get("QLC_UPDATE_GOLDEN") == "1"
-# A clearly fake digest for tests only: sha256 of b"qlc-test-image".
-TEST_DIGEST = "sha256:" + hashlib.sha256(b"qlc-test-image").hexdigest()
-IMAGE = f"registry.example.com/qlc/export-test@{TEST_DIGEST}"
-ROLE = "arn:aws:iam::123456789012:role/qlc-batch-execution"
-
-SPEC = """
-[job]
-name = "export-test.v1"
-output_dir = "{output_dir}"
-
-[model]
-id = "NousResearch/Llama-2-7b-chat-hf"
-
-[data]
-id = "mlabonne/guanaco-llama2-1k"
-format = "text"
-
-[runtime]
-gpus = {gpus}
-shm_size = "8g"
-secrets = ["HF_TOKEN", "WANDB_API_KEY"]
-
-[runtime.env]
-HF_HUB_ENABLE_HF_TRANSFER = "0"
-QLC_NOTE = "it's \\"quoted\\" & <odd> $HOME $(date) `ls` ünïcode\\nsecond line"
-"""
-
-
-def make_plan(output_dir: str, gpus: int = 1) -> Plan:
-    source = SPEC.format(output_dir=output_dir, gpus=gpus).encode()
-    return compile_spec(source, "export-test.toml", require_lock=False).plan
-
-
-# case name -> (output_dir of the spec, export arguments)
-CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "kubernetes-single": ("s3://qlc-test-bucket/runs", {"target": "kubernetes",
-                                                         "volume": "qlc-test-bucket-pvc"}),
-    "kubernetes-multi": ("runs", {"target": "kubernetes", "nodes": 2, "gpus_per_node": 4,
-                                  "kueue_queue": "team-a", "volume": "qlc-runs"}),
-    "aws-batch-single": ("runs", {"target": "aws-batch", "instance_type": "g5.2xlarge",
-                                  "volume": "fs-0123456789abcdef0", "execution_role": ROLE}),
-    "aws-batch-multi": ("runs", {"target": "aws-batch", "nodes": 2, "gpus_per_node": 8,
-                                 "instance_type": "p4d.24xlarge", "job_queue": "gpu-queue",
-                                 "volume": "fs-0123456789abcdef0", "execution_role": ROLE}),
-    "gcp-batch-single": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch",
-                                                        "project": "qlc-test-project"}),
-    "gcp-batch-multi": ("gs://qlc-test-bucket/runs", {"target": "gcp-batch", "nodes": 3,
-                                                       "gpus_per_node": 8,
-                                                       "instance_type": "a3-highgpu-8g",
-                                                       "project": "qlc-test-project"}),
-    "skypilot-single": ("s3://qlc-test-bucket/runs", {"target": "skypilot"}),
-    "skypilot-multi": ("gs://qlc-test-bucket/runs", {"target": "skypilot", "nodes": 2,
-                                                      "gpus_per_node": 8, "accelerator": "H100"}),
-}  # fmt: skip
-
-
-def export_case(case: str) -> dict[str, str]:
-    output_dir, arguments = CASES[case]
-    arguments = dict(arguments)
-    return export(make_plan(output_dir), IMAGE, arguments.pop("target"), **arguments)
+PYTHON_COMMAND = ["/opt/venv/bin/python", "/qlc/train.py"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    files = export_case(case)
+    files = export_case(case).files
     expected_dir = GOLDEN / case
     if UPDATE:
         for stale in expected_dir.glob("*") if expected_dir.is_dir() else []:
@@ -99,153 +58,278 @@ def test_every_target_has_single_and_multi_goldens() -> None:
     assert {case.rsplit("-", 1)[1] for case in CASES} == {"single", "multi"}
 
 
-# --- validation by each engine's own model --------------------------------------------------
-
-
-def validate_kubernetes(text: str) -> list[Any]:
-    """Deserialize each document into the kubernetes client's model (required fields and enums
-    checked there) and serialize it back: a field the model does not know would be lost."""
-    from kubernetes import client
-
-    api = client.ApiClient()
-    objects = []
-    for document in yaml.safe_load_all(text):
-        model = {("batch/v1", "Job"): "V1Job", ("v1", "Service"): "V1Service"}[
-            (document["apiVersion"], document["kind"])
-        ]
-
-        class Response:
-            data = json.dumps(document)
-
-        obj = api.deserialize(Response(), model)
-        assert api.sanitize_for_serialization(obj) == document
-        objects.append(obj)
-    return objects
-
-
-def validate_aws(name: str, text: str) -> None:
-    import botocore.session
-    from botocore.validate import ParamValidator
-
-    operation = {"job-definition.json": "RegisterJobDefinition", "submit-job.json": "SubmitJob"}
-    model = botocore.session.get_session().get_service_model("batch")
-    shape = model.operation_model(operation[name]).input_shape
-    report = ParamValidator().validate(json.loads(text), shape)
-    assert not report.has_errors(), report.generate_report()
-
-
-def validate_gcp(text: str) -> Any:
-    from google.cloud import batch_v1
-
-    job = batch_v1.Job.from_json(text, ignore_unknown_fields=False)
-    assert json.loads(batch_v1.Job.to_json(job)) is not None
-    return job
-
-
-def validate_skypilot(text: str) -> dict[str, Any]:
-    import jsonschema
-
-    schemas = json.loads((GOLDEN / "skypilot-schemas.json").read_text(encoding="utf-8"))
-    task = yaml.safe_load(text)
-    jsonschema.Draft202012Validator(schemas["task"]).validate(task)
-    jsonschema.Draft202012Validator(schemas["resources"]).validate(task["resources"])
-    return task
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_exported_files_validate_against_the_engine_model(case: str) -> None:
-    files = export_case(case)
+def test_exported_files_validate_against_the_service_model(case: str) -> None:
     target = CASES[case][1]["target"]
-    for name, text in files.items():
-        if target == "kubernetes":
-            validate_kubernetes(text)
-        elif target == "aws-batch":
-            validate_aws(name, text)
-        elif target == "gcp-batch":
-            validate_gcp(text)
-        else:
-            validate_skypilot(text)
+    for name, text in export_case(case).files.items():
+        validate(target, name, text)
 
 
-def test_validators_reject_what_the_engine_would() -> None:
+def test_validators_reject_what_the_service_would() -> None:
     """The validators are not string checks: a misspelled or mistyped field fails them."""
-    k8s = export_case("kubernetes-single")["job.yaml"]
+    single = main_file("kubernetes-single")
     with pytest.raises(AssertionError):
-        validate_kubernetes(k8s.replace("backoffLimit", "backofLimit"))
-    aws = json.loads(export_case("aws-batch-single")["job-definition.json"])
+        validate_kubernetes(single.replace("backoffLimit", "backofLimit"))
+    jobset = yaml.safe_load(main_file("kubernetes-multi"))
+    jobset["spec"]["failurePolicy"]["maxRestart"] = jobset["spec"]["failurePolicy"].pop(
+        "maxRestarts"
+    )
+    with pytest.raises(AssertionError, match="JobSet model"):
+        jobset_model(jobset)
+    jobset = yaml.safe_load(main_file("kubernetes-multi"))
+    jobset["spec"]["replicatedJobs"][0]["replicas"] = "2"
+    with pytest.raises(ValueError, match="replicas"):
+        jobset_model(jobset)
+    jobset = yaml.safe_load(main_file("kubernetes-multi"))
+    pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    pod["terminationGracePeriod"] = pod.pop("terminationGracePeriodSeconds")
+    with pytest.raises(AssertionError):
+        jobset_model(jobset)
+    aws = json.loads(main_file("aws-batch-single"))
     aws["containerProperties"]["linuxParameters"]["sharedMemorySize"] = "16g"
     with pytest.raises(AssertionError, match="sharedMemorySize"):
         validate_aws("job-definition.json", json.dumps(aws))
-    gcp = export_case("gcp-batch-single")["job.json"].replace('"taskCount"', '"taskCounts"')
+    gcp = main_file("gcp-batch-single").replace('"taskCount"', '"taskCounts"')
     with pytest.raises(Exception, match="taskCounts"):
         validate_gcp(gcp)
-    sky = export_case("skypilot-single")["task.yaml"].replace("num_nodes", "nodes")
+    sky = main_file("skypilot-single").replace("num_nodes", "nodes")
     with pytest.raises(Exception, match="nodes"):
+        validate_skypilot(sky)
+    sky = main_file("skypilot-single").replace("MOUNT_CACHED", "MOUNT_CACHE")
+    with pytest.raises(Exception, match="MOUNT_CACHE"):
         validate_skypilot(sky)
 
 
-# --- what the files say ---------------------------------------------------------------------
+# --- run-scoped outputs -----------------------------------------------------------------------
 
 
-def test_kubernetes_multi_node_is_an_indexed_job_behind_a_headless_service() -> None:
-    service, job = validate_kubernetes(export_case("kubernetes-multi")["job.yaml"])
-    assert service.spec.cluster_ip == "None"
-    assert job.spec.completion_mode == "Indexed" and job.spec.completions == 2
-    assert job.spec.template.spec.subdomain == service.metadata.name
-    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
-    container = job.spec.template.spec.containers[0]
-    assert container.image == IMAGE
-    assert container.resources.limits == {"nvidia.com/gpu": "4"}
-    env = {item.name: item for item in container.env}
-    assert env["QLC_OUTPUT_DIR"].value == "/qlc/output/runs"
-    assert env["QLC_IMAGE_DIGEST"].value == IMAGE
-    assert env["HF_TOKEN"].value is None
-    assert env["HF_TOKEN"].value_from.secret_key_ref.key == "HF_TOKEN"
-    note = 'it\'s "quoted" & <odd> $HOME $$(date) `ls` ünïcode\nsecond line'
-    assert env["QLC_NOTE"].value == note  # $$( : Kubernetes passes $( literally
-    volumes = {volume.name: volume for volume in job.spec.template.spec.volumes}
-    assert volumes["output"].persistent_volume_claim.claim_name == "qlc-runs"
-    assert volumes["dshm"].empty_dir.size_limit == "8Gi"
-    pod = job.spec.template.spec
-    assert pod.security_context.run_as_user == pod.security_context.fs_group == 10001
-    rule = job.spec.pod_failure_policy.rules[0]
-    assert (rule.action, rule.on_pod_conditions[0].type) == ("Ignore", "DisruptionTarget")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_job_writes_under_output_job_run_id(case: str) -> None:
+    result = export_case(case)
+    job = "export-test.v1"
+    assert result.run_id == RUN_ID
+    assert result.env["QLC_RUN_ID"] == RUN_ID
+    assert result.env["QLC_OUTPUT_DIR"] == result.run_dir
+    assert result.run_dir.endswith(f"/{job}/{RUN_ID}")
+    below = "runs/" if CASES[case][0] == "runs" else ""
+    assert result.run_dir == f"/qlc/output/{below}{job}/{RUN_ID}"
+    assert result.run_location.endswith(f"{below}{job}/{RUN_ID}")
+    text = main_file(case)
+    assert RUN_ID in text and result.run_dir in text
 
 
-def test_aws_multi_node_parallel_with_retries_for_spot() -> None:
-    files = export_case("aws-batch-multi")
-    definition = json.loads(files["job-definition.json"])
+def test_two_exports_of_one_spec_get_different_run_ids_and_directories() -> None:
+    plan = make_plan("gs://qlc-test-bucket/runs")
+    first = export(plan, IMAGE, "gcp-batch", project="qlc-test-project")
+    second = export(plan, IMAGE, "gcp-batch", project="qlc-test-project")
+    assert first.run_id != second.run_id
+    assert first.run_dir != second.run_dir and first.run_location != second.run_location
+    first_env = json.loads(first.files["job.json"])["taskGroups"][0]["taskSpec"]["environment"]
+    assert first_env["variables"]["QLC_OUTPUT_DIR"] == first.run_dir
+    stamp, token = new_run_id().split("-")
+    assert len(stamp) == 16 and stamp.endswith("Z") and len(token) == 6
+
+
+def test_kubernetes_object_names_carry_the_run_id() -> None:
+    job = yaml.safe_load(main_file("kubernetes-single"))
+    assert job["metadata"]["name"] == f"export-test-v1-{RUN_ID.lower()}"
+    assert job["metadata"]["labels"]["qlc.dev/run-id"] == RUN_ID
+    jobset = yaml.safe_load(main_file("kubernetes-multi"))
+    first_pod = f"{jobset['metadata']['name']}-node-0-0"
+    assert len(first_pod) <= 63  # a pod hostname is a DNS label
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def pod_failure_rules() -> list[dict[str, Any]]:
+    return [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}},
+        {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": "train", "operator": "NotIn", "values": [137, 143]}},
+    ]  # fmt: skip
+
+
+def test_kubernetes_single_node_job_retries_preemption_only() -> None:
+    job = yaml.safe_load(main_file("kubernetes-single"))
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    assert job["spec"]["backoffLimit"] == 3
+    assert job["spec"]["podFailurePolicy"]["rules"] == pod_failure_rules()
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert pod["terminationGracePeriodSeconds"] == PREEMPTION_GRACE_S == 120
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    container = pod["containers"][0]
+    assert container["command"] == PYTHON_COMMAND
+    env = {item["name"]: item for item in container["env"]}
+    assert env["NOTE"]["value"] == NOTE.replace("$(", "$$(")  # Kubernetes passes $$( as $(
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "qlc-secrets",
+                                                             "key": "HF_TOKEN"}  # fmt: skip
+    assert "QLC_USER_ERROR_FILE" not in env  # one node: the image's launcher keeps its own
+
+
+def test_kubernetes_multi_node_is_a_jobset_with_gang_restart_and_elastic_rendezvous() -> None:
+    text = main_file("kubernetes-multi")
+    assert "ReadWriteMany" in text.split("---")[0]  # stated in the file's comments
+    jobset = yaml.safe_load(text)
+    name = jobset["metadata"]["name"]
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    spec = jobset["spec"]
+    assert spec["failurePolicy"] == {"maxRestarts": 3, "rules": [
+        {"name": "preempted", "action": "RestartJobSet",
+         "onJobFailureReasons": ["BackoffLimitExceeded"]},
+        {"name": "failed", "action": "FailJobSet"},
+    ]}  # fmt: skip
+    assert spec["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True}
+    (replicated,) = spec["replicatedJobs"]
+    assert replicated["name"] == "node" and replicated["replicas"] == 2
+    job = replicated["template"]["spec"]
+    assert job["backoffLimit"] == 0  # a counted failure fails the Job: the set restarts
+    assert job["podFailurePolicy"]["rules"] == pod_failure_rules()
+    pod = job["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == PREEMPTION_GRACE_S
+    assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == "qlc-runs"
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    env = {item["name"]: item for item in container["env"]}
+    index = "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+    assert env["JOBSET_JOB_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == index
+    flag = f"/qlc/output/runs/export-test.v1/{RUN_ID}/{USER_ERROR_FLAG}"
+    assert env["QLC_USER_ERROR_FILE"]["value"] == flag  # on the shared volume
+    shell, dash_c, script = container["command"]
+    assert (shell, dash_c) == ("/bin/sh", "-c")
+    torchrun = torchrun_words(script)
+    assert torchrun[0] == "/opt/venv/bin/torchrun"
+    assert option(torchrun, "--rdzv-backend") == "c10d"
+    assert option(torchrun, "--rdzv-endpoint") == f"{name}-node-0-0.{name}:29500"
+    assert option(torchrun, "--rdzv-id") == "$QLC_RUN_ID"
+    assert option(torchrun, "--rdzv-conf") == "is_host=$host"
+    assert option(torchrun, "--nnodes") == "2" and option(torchrun, "--nproc-per-node") == "4"
+    assert option(torchrun, "--max-restarts") == "0"
+    assert int(option(torchrun, "--shutdown-timeout")) < PREEMPTION_GRACE_S
+    assert torchrun[-1] == "/qlc/train.py"
+    assert 'if [ "$JOBSET_JOB_INDEX" = 0 ]; then host=1; else host=0; fi' in script
+
+
+def torchrun_words(script: str) -> list[str]:
+    line = next(line for line in script.splitlines() if "torchrun" in line)
+    words = shlex.split(line.removesuffix(" &"), posix=True)
+    return words
+
+
+def option(words: list[str], name: str) -> str:
+    return words[words.index(name) + 1]
+
+
+# --- AWS Batch --------------------------------------------------------------------------------
+
+
+def test_aws_mounts_efs_through_an_access_point_with_transit_encryption_and_iam() -> None:
+    definition = json.loads(main_file("aws-batch-single"))
+    container = definition["containerProperties"]
+    assert container["volumes"] == [{"name": "output", "efsVolumeConfiguration": {
+        "fileSystemId": "fs-0123456789abcdef0", "transitEncryption": "ENABLED",
+        "authorizationConfig": {"accessPointId": "fsap-0123456789abcdef0", "iam": "ENABLED"},
+    }}]  # fmt: skip
+    assert container["jobRoleArn"] == JOB_ROLE  # IAM authorization uses the job's role
+    assert container["command"] == PYTHON_COMMAND
+    without_role = json.loads(main_file("aws-batch-single", job_role=None))
+    efs = without_role["containerProperties"]["volumes"][0]["efsVolumeConfiguration"]
+    assert efs["authorizationConfig"]["iam"] == "DISABLED"
+    assert efs["transitEncryption"] == "ENABLED"  # an access point requires it
+
+
+def test_aws_retries_only_when_the_instance_went_away() -> None:
+    definition = json.loads(main_file("aws-batch-single"))
+    assert definition["retryStrategy"] == {"attempts": 4, "evaluateOnExit": [
+        {"onExitCode": "2", "action": "EXIT"},
+        {"onStatusReason": "Host EC2*", "action": "RETRY"},
+        {"onReason": "*", "action": "EXIT"},
+    ]}  # fmt: skip
+
+
+def test_aws_multi_node_parallel_job_says_it_cannot_run_on_spot() -> None:
+    result = export_case("aws-batch-multi")
+    assert any("cannot run on Spot" in note for note in result.notes)
+    assert any("ECS_CONTAINER_STOP_TIMEOUT=120s" in note for note in result.notes)
+    definition = json.loads(result.files["job-definition.json"])
     assert definition["type"] == "multinode"
-    assert definition["nodeProperties"]["numNodes"] == 2
-    assert definition["retryStrategy"]["attempts"] == 4
+    assert definition["jobDefinitionName"].endswith(RUN_ID)
     container = definition["nodeProperties"]["nodeRangeProperties"][0]["container"]
-    assert {"type": "GPU", "value": "8"} in container["resourceRequirements"]
-    assert container["secrets"] == [
-        {"name": "HF_TOKEN", "valueFrom": "HF_TOKEN"},
-        {"name": "WANDB_API_KEY", "valueFrom": "WANDB_API_KEY"},
-    ]
-    assert container["linuxParameters"]["sharedMemorySize"] == 8192
-    assert json.loads(files["submit-job.json"])["jobQueue"] == "gpu-queue"
+    torchrun = torchrun_words(container["command"][2])
+    endpoint = "${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-localhost}:29500"
+    assert option(torchrun, "--rdzv-endpoint") == endpoint
+    assert torchrun[0] == "/opt/venv/bin/torchrun"
+    assert json.loads(result.files["submit-job.json"])["jobDefinition"].endswith(RUN_ID)
+    with pytest.raises(ExportError, match="multi-node parallel jobs do not run on Spot"):
+        export_case("aws-batch-multi", spot=True)
+    with pytest.raises(ExportError, match="compute environment is of type SPOT"):
+        export_case("aws-batch-single", spot=True)
 
 
-def test_gcp_multi_node_task_group_mounts_the_bucket() -> None:
-    job = validate_gcp(export_case("gcp-batch-multi")["job.json"])
-    group = job.task_groups[0]
-    assert group.task_count == 3 and group.require_hosts_file
-    assert group.task_spec.volumes[0].gcs.remote_path == "qlc-test-bucket/runs"
-    assert group.task_spec.environment.variables["QLC_OUTPUT_DIR"] == "/qlc/output"
-    assert dict(group.task_spec.environment.secret_variables) == {
-        name: f"projects/qlc-test-project/secrets/{name}/versions/latest"
-        for name in ("HF_TOKEN", "WANDB_API_KEY")
-    }
-    assert group.task_spec.runnables[0].container.image_uri == IMAGE
+# --- Google Cloud Batch -----------------------------------------------------------------------
 
 
-def test_secret_values_never_reach_a_job_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_do_not_write")
-    for case in CASES:
-        for text in export_case(case).values():
-            assert "hf_secret_value_do_not_write" not in text
+def test_gcp_renames_in_gcsfuse_retries_preemption_only_and_runs_on_spot() -> None:
+    job = json.loads(main_file("gcp-batch-single"))
+    task = job["taskGroups"][0]["taskSpec"]
+    options = task["volumes"][0]["mountOptions"]
+    assert "--rename-dir-limit=100000" in options and "--uid=10001" in options
+    assert task["maxRetryCount"] == 3
+    assert task["lifecyclePolicies"] == [
+        {"action": "RETRY_TASK", "actionCondition": {"exitCodes": [50001]}}
+    ]  # RETRY_TASK fails every other exit code: 2 included
+    assert job["allocationPolicy"]["instances"][0]["policy"]["provisioningModel"] == "SPOT"
+    runnable = task["runnables"][0]["container"]
+    assert [runnable["entrypoint"], *runnable["commands"]] == PYTHON_COMMAND
+
+
+def test_gcp_multi_node_takes_rank_zero_and_ranks_from_the_hosts_file() -> None:
+    job = json.loads(main_file("gcp-batch-multi"))
+    group = job["taskGroups"][0]
+    assert group["requireHostsFile"] is True
+    script = group["taskSpec"]["runnables"][0]["container"]["commands"][1]
+    torchrun = torchrun_words(script)
+    assert '--rdzv-endpoint "$(head -n 1 "$BATCH_HOSTS_FILE"):29500"' in script
+    assert "--node-rank" not in torchrun and "BATCH_TASK_INDEX" not in script
+    assert job["allocationPolicy"]["instances"][0]["policy"]["provisioningModel"] == "STANDARD"
+    with pytest.raises(ExportError, match="retries a preempted task alone"):
+        export_case("gcp-batch-multi", retries=2)
+
+
+# --- SkyPilot ---------------------------------------------------------------------------------
+
+
+def test_skypilot_mounts_cached_uses_spot_and_absolute_paths() -> None:
+    text = main_file("skypilot-single")
+    task = yaml.safe_load(text)
+    assert task["file_mounts"] == {"/qlc/output": {"source": "s3://qlc-test-bucket/runs",
+                                                   "mode": "MOUNT_CACHED"}}  # fmt: skip
+    assert task["resources"]["use_spot"] is True
+    assert task["resources"]["job_recovery"] == {"strategy": "FAILOVER",
+                                                 "max_restarts_on_errors": 0}  # fmt: skip
+    assert shlex.split(task["run"]) == ["exec", *PYTHON_COMMAND]
+    assert "sky jobs launch task.yaml --secret HF_TOKEN --secret WANDB_API_KEY" in text
+    multi = yaml.safe_load(main_file("skypilot-multi"))
+    assert multi["resources"]["use_spot"] is False
+    assert multi["resources"]["accelerators"] == {"H100": 8}
+    assert torchrun_words(multi["run"])[0] == "/opt/venv/bin/torchrun"
+    assert '--rdzv-endpoint "$(echo "$SKYPILOT_NODE_IPS" | head -n 1):29500"' in multi["run"]
+
+
+def test_skypilot_without_retries_launches_without_recovery() -> None:
+    text = main_file("skypilot-single", retries=0)
+    assert "job_recovery" not in yaml.safe_load(text)["resources"]
+    assert "sky launch task.yaml" in text and "sky jobs launch" not in text
+
+
+def test_skypilot_offers_gpus_the_image_architectures_run_on() -> None:
+    task = yaml.safe_load(main_file("skypilot-single"))
+    offered = set(task["resources"]["accelerators"])
+    assert "L4" in offered  # 8.9 runs the image's 8.6 code (same major, later minor)
+    assert "V100" not in offered  # 7.0 is older than every architecture of the image
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -256,7 +340,7 @@ def test_secret_values_never_reach_a_job_file(monkeypatch: pytest.MonkeyPatch) -
     [
         ("registry.example.com/qlc/export-test:latest", "has no digest"),
         ("qlc/export-test", "has no digest"),
-        (f"registry.example.com/qlc/export-test:v1@{TEST_DIGEST}", "both a tag and a digest"),
+        (f"{IMAGE.split('@')[0]}:v1@{IMAGE.split('@')[1]}", "both a tag and a digest"),
         ("registry.example.com/qlc/export-test@sha256:1234", "not a digest reference"),
     ],
 )
@@ -267,28 +351,81 @@ def test_refuses_an_image_without_a_digest(image: str, message: str) -> None:
             export(plan, image, target)
 
 
-EFS = {"volume": "fs-0123456789abcdef0", "execution_role": ROLE}
+def test_retries_need_checkpoints() -> None:
+    plan = make_plan("s3://b/runs", train="max_steps = 100")
+    assert plan.train.schedule.save_steps is None
+    for target in TARGETS:
+        with pytest.raises(ExportError, match=r"Set train\.save_steps.*or pass --retries 0"):
+            export(plan, IMAGE, target, volume="claim")
+    files = export(plan, IMAGE, "skypilot", retries=0).files
+    validate_skypilot(files["task.yaml"])
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({"model": 'path = "models/llama"'}, r"model\.path = 'models/llama'"),
+        ({"data": 'path = "data/train.jsonl"\nformat = "text"'}, r"data\.path = "),
+    ],
+)
+def test_local_inputs_are_refused_with_the_fix(edits: dict[str, str], message: str) -> None:
+    source = SPEC_WITH_LOCAL_INPUTS.format(
+        model=edits.get("model", 'id = "NousResearch/Llama-2-7b-chat-hf"'),
+        data=edits.get("data", 'id = "mlabonne/guanaco-llama2-1k"\nformat = "text"'),
+    )
+    plan = compile_spec(source.encode(), "local.toml", require_lock=False).plan
+    for target in TARGETS:
+        with pytest.raises(ExportError, match=message) as refused:
+            export(plan, IMAGE, target, volume="claim")
+        assert "use a hub source" in str(refused.value).lower()
+
+
+SPEC_WITH_LOCAL_INPUTS = """
+[job]
+name = "local"
+output_dir = "s3://b/runs"
+
+[model]
+{model}
+
+[data]
+{data}
+
+[train]
+save_steps = 10
+"""
 
 
 @pytest.mark.parametrize(
     ("output_dir", "target", "arguments", "message"),
     [
-        ("s3://b/runs", "kubernetes", {"nodes": 0}, "--nodes must be at least 1"),
+        ("s3://b/runs", "kubernetes", {"nodes": 0, "volume": "c"}, "--nodes must be at least 1"),
         ("s3://b/runs", "skypilot", {"nodes": -2}, "--nodes must be at least 1"),
+        ("s3://b/runs", "skypilot", {"retries": -1}, "--retries must be 0 or more"),
         ("runs", "aws-batch", {"instance_type": "m5.xlarge", **EFS}, "has no GPUs"),
         ("runs", "aws-batch", {"instance_type": "g5.xlarge", "gpus_per_node": 4, **EFS},
          "has 1 GPU"),
         ("runs", "aws-batch", {"retries": 10, **EFS}, "at most 9 retries"),
-        ("runs", "aws-batch", {"volume": "fs-1"}, "pass --execution-role"),
+        ("runs", "aws-batch", {"volume": "fs-0123456789abcdef0", "execution_role": EFS[
+            "execution_role"]}, "pass --efs-access-point fsap-.*create-access-point"),
+        ("runs", "aws-batch", {**EFS, "efs_access_point": "ap-1"}, "not an EFS access point"),
+        ("runs", "aws-batch", {**EFS, "volume": "my-efs"}, "not an EFS file system id"),
+        ("runs", "aws-batch", {**EFS, "execution_role": None}, "pass --execution-role"),
         ("runs", "aws-batch", {**EFS, "execution_role": "qlc-role"}, "not an IAM role ARN"),
+        ("runs", "aws-batch", {**EFS, "job_role": "role"}, "--job-role 'role' is not an IAM"),
         ("gs://b/runs", "gcp-batch", {"instance_type": "n2-standard-8"}, "has 0 built-in GPU"),
         ("gs://b/runs", "gcp-batch", {"gpus_per_node": 3}, "no default GCP machine type has 3"),
         ("gs://b/runs", "gcp-batch", {}, "pass --project PROJECT_ID"),
         ("gs://b/runs", "gcp-batch", {"project": "Bad_Project"}, "not a GCP project id"),
-        ("s3://b/runs", "kubernetes", {"gpus_per_node": -1}, "0 or more"),
+        ("gs://b/runs", "gcp-batch", {"project": "qlc-test-project", "retries": 11},
+         "at most 10 retries"),
+        ("s3://b/runs", "kubernetes", {"gpus_per_node": -1, "volume": "c"}, "0 or more"),
         ("s3://b/runs", "skypilot", {"gpus_per_node": 0}, "fewer than the spec's runtime.gpus"),
         ("s3://b/runs", "nomad", {}, "unknown target 'nomad'"),
-        # output locations an engine cannot mount
+        ("s3://b/runs", "kubernetes", {"volume": "c", "spot": True}, "node labels and taints"),
+        ("s3://b/runs", "kubernetes", {"volume": "Bad Claim"}, "not a PersistentVolumeClaim"),
+        ("s3://b/runs", "kubernetes", {"volume": "c", "kueue_queue": "a\nb"}, "not a LocalQueue"),
+        # output locations a service cannot mount
         ("runs", "kubernetes", {}, "local path, which a batch job cannot reach"),
         ("s3://b/runs", "kubernetes", {}, "Kubernetes cannot mount s3://b/runs"),
         ("s3://b/runs", "aws-batch", {}, "AWS Batch cannot mount s3://b/runs"),
@@ -305,79 +442,23 @@ def test_refusals(output_dir: str, target: str, arguments: dict[str, Any], messa
 
 
 def test_cpu_only_export_is_allowed_on_a_cpu_instance() -> None:
-    files = export(make_plan("runs", gpus=0), IMAGE, "aws-batch", instance_type="m5.xlarge",
-                   **EFS)  # fmt: skip
-    validate_aws("job-definition.json", files["job-definition.json"])
-    assert '"GPU"' not in files["job-definition.json"]
+    result = export(make_plan("runs", gpus=0), IMAGE, "aws-batch", instance_type="m5.xlarge",
+                    **EFS)  # fmt: skip
+    validate_aws("job-definition.json", result.files["job-definition.json"])
+    assert '"GPU"' not in result.files["job-definition.json"]
+
+
+def test_secret_values_never_reach_a_job_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_do_not_write")
+    for case in CASES:
+        for text in export_case(case).files.values():
+            assert "hf_secret_value_do_not_write" not in text
 
 
 def test_write_export_refuses_to_overwrite(tmp_path: Path) -> None:
-    files = export_case("kubernetes-single")
+    files = export_case("kubernetes-single").files
     assert [path.name for path in write_export(files, tmp_path)] == ["job.yaml"]
     with pytest.raises(ExportError, match="already exist"):
         write_export(files, tmp_path)
     write_export(files, tmp_path, overwrite=True)
     assert (tmp_path / "job.yaml").read_text(encoding="utf-8") == files["job.yaml"]
-
-
-# --- the command line -------------------------------------------------------------------------
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GUANACO = REPO_ROOT / "specs" / "guanaco.toml"
-
-
-def test_cli_export_writes_a_valid_job_file(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from qlc.cli import app
-
-    arguments = ["export", str(GUANACO), "--target", "kubernetes", "--image", IMAGE,
-                 "--nodes", "2", "--volume", "qlc-runs", "-o", str(tmp_path)]  # fmt: skip
-    done = CliRunner().invoke(app, arguments)
-    assert done.exit_code == 0, done.output
-    _, job = validate_kubernetes((tmp_path / "job.yaml").read_text(encoding="utf-8"))
-    assert job.spec.template.spec.containers[0].image == IMAGE
-
-
-def test_cli_export_uses_the_pushed_digest_of_the_build_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from typer.testing import CliRunner
-
-    from qlc.cli import UserError, app
-    from qlc.runtime import records
-
-    plan = compile_spec(GUANACO.read_bytes(), str(GUANACO), require_lock=False).plan
-    record = records.BuildRecord(
-        job=plan.spec["job"]["name"], tag="qlc/guanaco:abc", image_id="sha256:" + "1" * 64,
-        image_key="k", context_hash="sha256:x", context_dir="/x", spec_path=str(GUANACO),
-        spec_sha256=plan.spec_sha256, lock_sha256=None, base_image="b",
-        base_image_overridden=False, base_image_id=None, base_image_digests=[],
-        qlc_version="0.1.0", built_at="2026-11-26T00:00:00Z", build_seconds=1.0,
-        cache_hit=False, log_path=None, registry_digest=IMAGE, pushed_ref="x:abc",
-    )  # fmt: skip
-    records.save_build(tmp_path, record)
-    monkeypatch.chdir(tmp_path)
-    done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "skypilot"])
-    assert isinstance(done.exception, UserError)  # a local "runs": skypilot needs a bucket
-    assert "local path" in str(done.exception)
-    done = CliRunner().invoke(app, ["export", str(GUANACO), "--target", "aws-batch",
-                                    "--volume", "fs-0123456789abcdef0",
-                                    "--execution-role", ROLE])  # fmt: skip
-    assert done.exit_code == 0, done.output
-    written = tmp_path / "export" / record.job / "aws-batch" / "job-definition.json"
-    assert json.loads(written.read_text(encoding="utf-8"))["containerProperties"]["image"] == IMAGE
-
-
-def test_cli_export_refuses_a_tag_with_exit_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "qlc", "export", str(GUANACO), "--target", "gcp-batch",
-         "--image", "registry.example.com/qlc/guanaco:latest", "-o", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert "has no digest" in done.stderr and "Traceback" not in done.stderr
-    assert not list(tmp_path.iterdir())
