@@ -644,13 +644,12 @@ def check_export(spec: Path, plan: Plan, result: Export, image: str) -> None:
     from qlc.runtime.docker_engine import DockerEngine
     from qlc.runtime.export_check import preflight, prepare_stand_in, smoke
 
-    loaded, _ = load_spec_file(spec)
     stand_in = Path(tempfile.mkdtemp(prefix="qlc-export-check-")) / "output"
     try:
         with runtime_errors():
             engine = DockerEngine()
             prepare_stand_in(stand_in)
-            findings = preflight(plan, loaded, result, engine, image, stand_in)
+            findings = preflight(plan, result, engine, image, stand_in)
             if all(finding.ok is not False for finding in findings):
                 log = Path("export") / plan.job.name / f"check-{result.run_id}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,7 @@ import json
 import os
 import posixpath
 import re
-import secrets as random_tokens
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,6 @@ from qlc.compiler.render import template_environment
 from qlc.contract import (
     CONTAINER_APP_DIR,
     CONTAINER_VENV,
-    ENV_IMAGE_DIGEST,
-    ENV_OUTPUT_DIR,
     ENV_RUN_ID,
     ENV_USER_ERROR_FILE,
     EXIT_USER_ERROR,
@@ -38,6 +34,7 @@ from qlc.contract import (
     SCRIPT_FILE,
     USER_ERROR_FLAG,
 )
+from qlc.runtime.launch import ImageRef, new_run_id, trainer_env
 
 TARGETS = ("kubernetes", "aws-batch", "gcp-batch", "skypilot")
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
@@ -136,12 +133,6 @@ def export(
     return result
 
 
-def new_run_id() -> str:
-    """A run id: UTC time and random hex, as `qlc run` names its run directories."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{random_tokens.token_hex(3)}"
-
-
 def job_shape(plan: Plan, image_ref: str, options: ExportOptions, run_id: str) -> JobShape:
     check_image_ref(image_ref)
     check_inputs(plan)
@@ -167,10 +158,11 @@ def job_shape(plan: Plan, image_ref: str, options: ExportOptions, run_id: str) -
         run_path=run_path, retries=options.retries, options=options,
         gpu_archs=list(plan.gpu_archs),
     )  # fmt: skip
-    protocol = {ENV_IMAGE_DIGEST: image_ref, ENV_RUN_ID: run_id, ENV_OUTPUT_DIR: shape.run_dir}
+    env = trainer_env(
+        plan, output_dir=shape.run_dir, image=ImageRef(None, image_ref, None), run_id=run_id
+    )
     if shape.multi:  # every node's launcher reads it (the run directory is shared)
-        protocol[ENV_USER_ERROR_FILE] = f"{shape.run_dir}/{USER_ERROR_FLAG}"
-    env = {**plan.runtime.env, **protocol}
+        env[ENV_USER_ERROR_FILE] = f"{shape.run_dir}/{USER_ERROR_FLAG}"
     return replace(shape, env=dict(sorted(env.items())))
 
 

@@ -28,8 +28,7 @@ from rich.console import Console
 from qlc.compiler.memory import check_fit, estimate
 from qlc.compiler.plan import Plan
 from qlc.compiler.shapes import GIB, UnknownGpu, UnknownShape, find_gpu
-from qlc.compiler.spec import Spec
-from qlc.contract import CONTAINER_GID, CONTAINER_UID, CONTAINER_USER, ENV_SMOKE
+from qlc.contract import CONTAINER_GID, CONTAINER_UID, CONTAINER_USER, ENV_OUTPUT_DIR, ENV_SMOKE
 from qlc.runtime.docker_engine import ContainerRequest, Engine, EngineError, Mount
 from qlc.runtime.export import OUTPUT_MOUNT, PYTHON, Export, launch_command
 from qlc.runtime.export_gpus import COMPUTE_CAPABILITY, runs_on
@@ -38,7 +37,7 @@ PROBE_TIMEOUT_S = 120
 # The output probe (no user text in it): each step's failure, or null, as one JSON line.
 PROBE = """
 import json, os, shutil, sys
-run = os.environ["QLC_OUTPUT_DIR"]
+run = sys.argv[1]  # the job's run directory
 probe = os.path.join(run, ".qlc-check")
 done = []
 def step(what, action):
@@ -75,12 +74,12 @@ class Finding:
 
 
 def preflight(
-    plan: Plan, spec: Spec, result: Export, engine: Engine, image: str, stand_in: Path
+    plan: Plan, result: Export, engine: Engine, image: str, stand_in: Path
 ) -> list[Finding]:
     """The checks that need no training (step 1), cheapest first."""
     return [
         archs_finding(plan, result.gpu),
-        memory_finding(spec, result.gpu),
+        memory_finding(plan, result.gpu),
         output_finding(engine, image, result, stand_in),
     ]
 
@@ -103,15 +102,15 @@ def archs_finding(plan: Plan, gpu: str | None) -> Finding:
         "rebuild, or pick an instance type with another GPU"))  # fmt: skip
 
 
-def memory_finding(spec: Spec, gpu: str | None) -> Finding:
-    if spec.runtime.gpus == 0:
+def memory_finding(plan: Plan, gpu: str | None) -> Finding:
+    if plan.runtime.gpus == 0:
         return Finding("memory", True, "a CPU job: no GPU memory needed")
     if gpu is None:
         return Finding("memory", None, "the job's GPU is not known here: compare with "
                        "`qlc explain SPEC --gpu NAME`")  # fmt: skip
     try:
         card = find_gpu(gpu)
-        fit = check_fit(estimate(spec, None, card), card)
+        fit = check_fit(estimate(plan, None, card), card)
     except (UnknownGpu, UnknownShape) as error:
         return Finding("memory", None, f"no estimate for {gpu}: {error}")
     needed, total = fit.needed / GIB, card.memory_bytes / GIB
@@ -147,7 +146,8 @@ def job_request(
 
 
 def output_finding(engine: Engine, image: str, result: Export, stand_in: Path) -> Finding:
-    request = job_request(image, result.env, stand_in, (PYTHON, "-c", PROBE), "none")
+    command = (PYTHON, "-c", PROBE, result.env[ENV_OUTPUT_DIR])
+    request = job_request(image, result.env, stand_in, command, "none")
     code, lines = run_to_end(engine, request)
     where = f"{result.run_dir} (as {CONTAINER_USER})"
     try:

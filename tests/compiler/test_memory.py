@@ -15,9 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlc.compiler.context import plan_spec
-from qlc.compiler.load import load_spec
 from qlc.compiler import memory
+from qlc.compiler.load import load_spec
 from qlc.compiler.memory import (
     CUDA_CONTEXT_BYTES,
     MemoryEstimate,
