@@ -80,28 +80,38 @@ def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
 
 
 def write_context(context: BuildContext, directory: Path) -> None:
-    """Write a context atomically: a sibling temp dir renamed into place."""
+    """Write a context atomically (a sibling temp dir renamed into place). An existing
+    directory is replaced only when it is a context qlc wrote (its marker, and nothing else)."""
+    import shutil
+
+    from qlc.contract import CONTEXT_MARKER
+
     directory = directory.resolve()
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} is a file: give -o a new or empty directory")
-    if directory.exists():
-        ours = set(context.files) | {".qlc-context"}
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours or p.is_dir())
-        if foreign:
+    if directory.exists() and any(directory.iterdir()):
+        present = {p.relative_to(directory).as_posix()
+                   for p in directory.rglob("*") if not p.is_dir()}  # fmt: skip
+        foreign = sorted(present - set(context.files) - {CONTEXT_MARKER})
+        if CONTEXT_MARKER not in present or foreign:
+            shown = ", ".join(foreign[:3] or sorted(present)[:3])
             raise UserError(
-                f"{directory} holds files qlc did not write ({', '.join(foreign[:3])}): "
-                "choose an empty or new directory"
+                f"{directory} holds files qlc did not write ({shown}): nothing was changed; "
+                "choose a new or empty directory"
             )
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=directory.parent))
     for name, data in context.files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_bytes(data)
-    (staging / ".qlc-context").write_text(context.content_hash + "\n")
+    (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
     if directory.exists():
-        for path in directory.iterdir():
-            path.unlink()
-        directory.rmdir()
-    os.replace(staging, directory)
+        old = Path(tempfile.mkdtemp(prefix=".qlc-old-", dir=directory.parent))
+        os.replace(directory, old / "context")
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
 
 
 @app.command()

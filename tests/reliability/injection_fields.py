@@ -90,7 +90,7 @@ def _set(document: dict[str, dict[str, Any]], field: StringField, value: str) ->
     elif field.shape == "dict-key":
         table[name] = {value: "1"}
     else:
-        table[name] = {"QLC_PAYLOAD": value}
+        table[name] = {"PAYLOAD": value}
 
 
 def toml_string(value: str) -> str:
@@ -131,14 +131,19 @@ def spec_with(field: StringField, value: str) -> bytes:
     return to_toml(document)
 
 
-def spec_value(spec: dict[str, Any], field: StringField) -> Any:
-    """Read a field back from plan["spec"], in the shape it was set."""
+PLAN_NAMES = {"id": "hub_id", "path": "local_path"}  # spec key -> the plan's name for it
+
+
+def spec_value(plan: dict[str, Any], field: StringField) -> Any:
+    """Read a field back from plan.json, in the shape it was set."""
     section, _, name = field.key.partition(".")
-    value = spec[section][name]
+    if section in ("model", "data"):
+        name = PLAN_NAMES.get(name, name)
+    value = plan[section][name]
     if field.shape == "list":
         return value[0]
     if field.shape == "dict-key":
         return next(iter(value))
     if field.shape == "dict-value":
-        return value["QLC_PAYLOAD"]
+        return value["PAYLOAD"]
     return value

@@ -437,13 +437,14 @@ def test_a_symlinked_output_dir_placed_by_the_user_is_honoured(tmp_path: Path, t
     (runs -> /big/disk) is their choice and runs follow it; the spec itself can only name a
     relative path without '..' (test above)."""
     tally()
-    from qlc.runtime.run import resolve_inputs
+    from qlc.compiler.context import plan_spec
+    from qlc.runtime.run import run_inputs
 
     project = tmp_path / "project"
     spec = tiny_project(project)
     (tmp_path / "big-disk").mkdir()
     (project / "runs").symlink_to(tmp_path / "big-disk")
-    inputs = resolve_inputs(spec)
+    inputs = run_inputs(plan_spec(spec.read_bytes(), spec.name)[0], spec, project)
     assert inputs.output_root.resolve() == (tmp_path / "big-disk" / "tiny").resolve()
 
 
@@ -643,24 +644,36 @@ def _finished_run(tmp_path: Path) -> Path:
     (run_dir / "adapter" / "adapter_config.json").write_text('{"r": 8}')
     from reliability_support import hash_tree, sha256_file
 
+    from qlc import contract
+
+    run = dict.fromkeys(contract.RUN_SCHEMA)
+    run.update(smoke=False, seed=42, deterministic=True, world_size=1)
     manifest = {
-        "_type": "https://in-toto.io/Statement/v1",
-        "predicateType": "urn:qlc:manifest:v1",
+        "_type": contract.STATEMENT_TYPE,
+        "predicateType": contract.PREDICATE_TYPE,
         "subject": [
             {"name": f"adapter/{n}", "digest": {"sha256": h}}
             for n, h in hash_tree(run_dir / "adapter").items()
         ],
         "predicate": {
+            "version": contract.MANIFEST_VERSION,
             "status": "succeeded",
+            "qlc_version": "0",
             "error": None,
             "metrics": {"final_loss": 6.5},
             "spec": {"name": "tiny.toml", "sha256": sha256_file(spec)},
+            "plan_sha256": None,
             "lock_sha256": sha256_file(spec.with_suffix(".lock")),
+            "image": {"id": None, "digest": None, "base": None},
             "inputs": {
                 "model": {"files": hash_tree(project / "tiny" / "model")},
                 "data": {"files": hash_tree(project / "tiny" / "data.jsonl")},
             },
-            "run": {"smoke": False},
+            "run": run,
+            "effective": {},
+            "substitutions": [],
+            "decisions": [],
+            "records": {},
             "environment": {},
         },
     }

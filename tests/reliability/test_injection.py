@@ -116,14 +116,15 @@ def assert_carried_as_data(
     files = context.files
     assert files["spec.toml"] == source
     assert files[".dockerignore"] == reference.files[".dockerignore"]
-    assert files["fast_engine.py"] == reference.files["fast_engine.py"]
+    modules = {n: d for n, d in files.items() if n.startswith("qlc/")}
+    assert modules == {n: d for n, d in reference.files.items() if n.startswith("qlc/")}
     assert normalized_dockerfile(files["Dockerfile"].decode()) == normalized_dockerfile(
         reference.files["Dockerfile"].decode()
     ), "the Dockerfile's instructions changed"
     assert code_shape(files["train.py"]) == code_shape(reference.files["train.py"])
     plan = json.loads(files["plan.json"])
     expected = payload + ".jsonl" if field.key == "data.path" else payload
-    assert spec_value(plan["spec"], field) == expected, "plan.json does not round-trip"
+    assert spec_value(plan, field) == expected, "plan.json does not round-trip"
 
 
 @pytest.mark.parametrize("field", FIELDS, ids=_id)
@@ -188,17 +189,6 @@ DATA_FIELDS = {
 SCRIPT_PAYLOADS = [p for p in PAYLOADS if "\x00" not in p]  # NUL: refused by the spec (below)
 
 
-def _load_script(context_dir: Path, name: str) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, context_dir / "train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
 def _row(data_format: str, names: dict[str, str], text: str) -> dict[str, Any]:
     if data_format == "text":
         return {names["text_field"]: f"<s>[INST] {text} [/INST] answer {text} </s>"}
@@ -220,49 +210,33 @@ def _row(data_format: str, names: dict[str, str], text: str) -> dict[str, Any]:
 def test_compiled_script_loads_payload_named_fields_as_data(
     data_format: str, tmp_path: Path, tally
 ) -> None:
+    from qlc.trainer.examples import prepare
+    from qlc.trainer.model import ModelSource, load_tokenizer
+    from qlc.trainer.rows import load_rows
+
     CANARY_DIR.mkdir(exist_ok=True)
     Path(CANARY).unlink(missing_ok=True)
     context = compile_spec((SPECS / "tiny.toml").read_bytes(), "specs/tiny.toml", LOCK)
-    (tmp_path / "ctx").mkdir()
-    for name, data in context.files.items():
-        (tmp_path / "ctx" / name).write_bytes(data)
-    script = _load_script(tmp_path / "ctx", f"qlc_injection_{data_format}")
-    plan = json.loads(context.files["plan.json"])
-    tokenizer = script.load_tokenizer(plan["spec"], str(SPECS / "tiny" / "model"), None)
+    base = context.plan
+    source = ModelSource(str(SPECS / "tiny" / "model"), None, local=True)
+    tokenizer = load_tokenizer(base, source)
+    every = ("text_field", "prompt_field", "input_field", "response_field", "messages_field")
     for payload in SCRIPT_PAYLOADS:
         tally()
-        spec = json.loads(json.dumps(plan["spec"]))
         names = {key: f"{key}:{payload}" for key in DATA_FIELDS[data_format]}
-        spec["data"].update(format=data_format, loss="all", eval_fraction=0.0, **names)
-        rows = [
-            _row(
-                data_format,
-                {
-                    **{
-                        k: k
-                        for k in (
-                            "text_field",
-                            "prompt_field",
-                            "input_field",
-                            "response_field",
-                            "messages_field",
-                        )
-                    },
-                    **names,
-                },
-                payload,
-            )
-            for _ in range(3)
-        ]
+        data = base.data.model_copy(
+            update={"format": data_format, "loss": "all", "eval_fraction": 0.0, **names}
+        )
+        plan = base.model_copy(update={"data": data})
+        rows = [_row(data_format, {**{k: k for k in every}, **names}, payload) for _ in range(3)]
         data_file = tmp_path / f"{data_format}.jsonl"
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        env = script.Env.read({"QLC_DATA_PATH": str(data_file), "QLC_OUTPUT_DIR": str(tmp_path)})
-        loaded, _ = script.load_rows(spec, env)
-        assert loaded == rows, "rows did not come back as written"
-        _, rendered, report = script.prepare_examples(loaded, spec, tokenizer, "train")
-        assert report["examples"] == 3
+        loaded = load_rows(plan, str(data_file), None)
+        assert loaded.train == rows, "rows did not come back as written"
+        prepared = prepare(loaded.train, plan.data, tokenizer, str(data_file), "train")
+        assert prepared.report["examples"] == 3
         if data_format != "chat" and payload.strip():  # values are stripped when rendered
-            assert all(payload.strip() in r.text for r in rendered), payload
+            assert all(payload.strip() in r.text for r in prepared.rendered), payload
     assert not Path(CANARY).exists(), "a payload executed"
 
 
@@ -302,6 +276,7 @@ def test_whole_smoke_run_with_a_payload_field_name_executes_nothing(tmp_path: Pa
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     for name, data in context.files.items():
+        (ctx / name).parent.mkdir(parents=True, exist_ok=True)
         (ctx / name).write_bytes(data)
     rows = [{payload: f"<s>[INST] q{i} {payload} [/INST] a{i} {payload} </s>"} for i in range(16)]
     data_file = tmp_path / "data.jsonl"

@@ -12,6 +12,7 @@ from qlc.runtime import records
 from qlc.runtime.build import (
     BASE_LABEL,
     CONTEXT_LABEL,
+    PLAN_LABEL,
     BuildFailure,
     build,
     compile_for_build,
@@ -38,7 +39,12 @@ def test_build_writes_context_log_and_record(tiny_project: Path, fake_engine: Fa
     )
     (call,) = fake_engine.builds
     assert call["buildargs"] == {"BASE_IMAGE": "qlc-base:bookworm"}
-    assert call["labels"] == {CONTEXT_LABEL: record.context_hash, BASE_LABEL: "qlc-base:bookworm"}
+    plan = call["contents"]["plan.json"].decode()
+    assert call["labels"] == {
+        CONTEXT_LABEL: record.context_hash,
+        BASE_LABEL: "qlc-base:bookworm",
+        PLAN_LABEL: plan,  # the image carries its plan: `qlc run IMAGE` reads no spec
+    }
     assert "Dockerfile" in call["files"] and "train.py" in call["files"]
     assert Path(record.context_dir).parent == project / ".qlc" / "contexts"
     assert Path(record.log_path).read_text().startswith("Step 1/1")

@@ -18,7 +18,6 @@ from export_support import IMAGE, RUN_ID, guanaco_with_checkpoints, make_plan
 from registry_fixture import local_registry  # noqa: F401  (the fixture)
 from typer.testing import CliRunner
 
-from qlc.compiler.load import load_spec_file
 from qlc.contract import CONTAINER_UID
 from qlc.runtime.docker_engine import DockerEngine
 from qlc.runtime.export import export
@@ -107,7 +106,9 @@ def test_gpu_architectures_against_the_instance_gpu() -> None:
 
 
 def test_memory_estimate_against_the_instance_gpu() -> None:
-    spec, _ = load_spec_file(REPO_ROOT / "specs" / "guanaco.toml")
+    from qlc.compiler.context import plan_spec
+
+    spec, _ = plan_spec((REPO_ROOT / "specs" / "guanaco.toml").read_bytes(), "guanaco.toml")
     assert memory_finding(spec, "H100").ok is True
     small = memory_finding(spec, "8GB card")
     assert small.ok is False and "is more than 8GB card's 8.0 GiB" in small.detail
