@@ -226,3 +226,34 @@ def test_report_of_a_local_run_says_it_ran_without_an_image(tmp_path: Path) -> N
     report = (tmp_path / "report.md").read_text()
     assert "- image: none (ran locally with --local, in the Python that ran qlc)\n" in report
     assert "image: None" not in report and "base None" not in report
+
+
+def test_every_record_the_run_wrote_is_certified(tmp_path: Path) -> None:
+    """metrics.jsonl (the trainer's record) and report.md (the runtime's) carry hashes in the
+    manifest: an edited metric no longer passes the integrity check."""
+    manifest = write_run(tmp_path, "succeeded")
+    metrics = tmp_path / "metrics.jsonl"
+    manifest["predicate"]["records"] = {
+        "metrics.jsonl": hashlib.sha256(metrics.read_bytes()).hexdigest()
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    final = finalize(tmp_path, host())
+    assert final.status == "succeeded"
+    records = final.data["predicate"]["records"]
+    assert set(records) == {"metrics.jsonl", "report.md", "loss.png"}
+    assert check_subjects(tmp_path, final.data) == []
+    metrics.write_text(metrics.read_text().replace('"loss": 2.0', '"loss": 0.2'))
+    assert check_subjects(tmp_path, final.data) == [
+        "record metrics.jsonl: sha256 differs from the file's"
+    ]
+
+
+def test_a_manifest_of_another_schema_is_not_trusted(tmp_path: Path) -> None:
+    manifest = write_run(tmp_path, "succeeded")
+    manifest["predicateType"] = "urn:qlc:manifest:v1"
+    del manifest["predicate"]["records"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    final = finalize(tmp_path, host())
+    assert final.status == "failed" and final.data["subject"] == []
+    error = final.data["predicate"]["error"]
+    assert "does not follow the qlc manifest schema" in error and "predicateType" in error

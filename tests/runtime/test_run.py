@@ -404,3 +404,108 @@ def test_run_log_that_cannot_be_written_warns_once_and_streams_on(tmp_path: Path
     assert tail == ["one", "two", "three"] and ended == "exited"
     text = console.export_text()
     assert text.count("warning: cannot write /dev/full: No space left on device") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# One contract: what was built is what runs; run directories are never someone else's.
+
+
+def built_project(tiny_project: Path, engine: FakeEngine) -> tuple[Path, records.BuildRecord]:
+    from qlc.runtime.build import build
+
+    project = tiny_project.parents[1]
+    record = build(tiny_project, "qlc-base:bookworm", project_dir=project, engine=engine,
+                   console=QUIET)  # fmt: skip
+    return project, record
+
+
+def test_run_image_runs_the_built_plan_not_the_spec_file_as_it_is_now(tiny_project: Path) -> None:
+    engine = FakeEngine(on_start=script_writes("succeeded"))
+    project, record = built_project(tiny_project, engine)
+    edit_spec(tiny_project, "runtime", 'env = { CHANGED = "after the build" }')
+    edit_spec(tiny_project, "job", 'output_dir = "elsewhere"')
+    result = run(record.tag, project_dir=project, engine=engine, console=QUIET, environ={})
+    (request,) = engine.created
+    assert "CHANGED" not in request.environment  # the image's plan, built before the edit
+    assert result.run_dir.parent == tiny_project.parent / "runs" / "tiny"
+    assert len(engine.builds) == 1
+
+
+def test_run_spec_that_changed_rebuilds_and_says_so(tiny_project: Path) -> None:
+    from rich.console import Console
+
+    engine = FakeEngine(on_start=script_writes("succeeded"))
+    project, _ = built_project(tiny_project, engine)
+    edit_spec(tiny_project, "runtime", 'env = { CHANGED = "yes" }')
+    console = Console(record=True, width=300)
+    run(str(tiny_project), base_image="qlc-base:bookworm", project_dir=project, engine=engine,
+        console=console, environ={})  # fmt: skip
+    assert len(engine.builds) == 2
+    assert "changed since the last build of tiny" in console.export_text()
+    assert engine.created[-1].environment["CHANGED"] == "yes"
+
+
+def test_an_image_without_a_plan_is_refused(tiny_project: Path) -> None:
+    engine = engine_with_image()
+    records.save_build(tiny_project.parents[1], record_for(tiny_project))
+    with pytest.raises(RunInputError, match="carries no qlc plan"):
+        run(None, project_dir=tiny_project.parents[1], engine=engine, console=QUIET)
+
+
+def test_env_given_at_run_time_reaches_the_trainer_and_a_spec_cannot_set_it(
+    tiny_project: Path,
+) -> None:
+    from qlc.compiler.load import SpecError, load_spec
+    from qlc.runtime.launch import LaunchError, parse_env_options
+
+    engine = engine_with_image()
+    engine.on_start = script_writes("succeeded")
+    extra = parse_env_options(["PYTHONPATH=/mine", "HF_ENDPOINT=https://mirror"])
+    run_container(record_for(tiny_project), tiny_inputs(tiny_project), engine=engine,
+                  console=QUIET, environ={}, extra_env=extra)  # fmt: skip
+    env = engine.created[0].environment
+    assert env["PYTHONPATH"] == "/mine" and env["HF_ENDPOINT"] == "https://mirror"
+    with pytest.raises(LaunchError, match="set by qlc itself"):
+        parse_env_options(["QLC_OUTPUT_DIR=/tmp"])
+    for name in ("PYTHONPATH", "LD_PRELOAD", "HF_ENDPOINT", "QLC_DATA_PATH", "PYTHONSTARTUP"):
+        text = tiny_project.read_text().replace("[runtime]", f'[runtime]\nenv = {{ {name} = "x" }}')
+        with pytest.raises(SpecError, match=f"a spec may not set {name}"):
+            load_spec(text.encode(), "t.toml")
+
+
+def test_resume_refuses_a_directory_that_is_not_this_plan_s_unfinished_run(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    engine = engine_with_image()
+    engine.on_start = script_writes("succeeded")
+    inputs = tiny_inputs(tiny_project)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(RunInputError, match="not a qlc run directory"):
+        run_container(record_for(tiny_project), inputs, run_dir=foreign, engine=engine,
+                      console=QUIET, environ={})  # fmt: skip
+    assert (foreign / "notes.txt").read_text() == "keep me" and engine.created == []
+    finished = run_container(record_for(tiny_project), inputs, engine=engine, console=QUIET,
+                             environ={}).run_dir  # fmt: skip
+    before = (finished / "manifest.json").read_bytes()
+    with pytest.raises(RunInputError, match="finished run"):
+        run_container(record_for(tiny_project), inputs, run_dir=finished, engine=engine,
+                      console=QUIET, environ={})  # fmt: skip
+    assert (finished / "manifest.json").read_bytes() == before
+    edit_spec(tiny_project, "train", "weight_decay = 0.5")
+    (finished / "manifest.json").write_text(before.decode().replace('"succeeded"', '"failed"'))
+    with pytest.raises(RunInputError, match="another plan"):
+        run_container(record_for(tiny_project), tiny_inputs(tiny_project), run_dir=finished,
+                      engine=engine, console=QUIET, environ={})  # fmt: skip
+
+
+def test_a_trainer_user_error_is_a_user_error(tiny_project: Path) -> None:
+    engine = engine_with_image()
+    engine.exit_code = 2
+    engine.log_lines = ["error: data file tiny/data.jsonl:3: not a JSON line"]
+    engine.on_start = script_writes("failed", with_adapter=False)
+    with pytest.raises(RunFailed) as caught:
+        run_container(record_for(tiny_project), tiny_inputs(tiny_project), engine=engine,
+                      console=QUIET, environ={})  # fmt: skip
+    assert caught.value.user_error and "reported a problem to fix" in str(caught.value)
