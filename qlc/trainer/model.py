@@ -212,7 +212,9 @@ def load_model(
     """The base as the plan loads it (4-bit, compute dtype), prepared and wrapped with LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-weight loading bars: noise in run.log
     quant, engine = plan.quantization, plan.engine
     on_host = engine.base_weights == "streamed" and not use_cpu
     with quantized_on_gpu_kept_on_host(on_host):
@@ -236,11 +238,8 @@ def load_model(
     # (plan: activations float32). The fast engine computes the activations in the compute
     # dtype itself, so the upcast would only double those weights in memory.
     if quant.load_in_4bit and engine.name == "reference":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=engine.recompute == "every-layer",
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # the Trainer turns recomputation on itself (plan: recompute), without reentrance
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for module in model.modules():
         # bitsandbytes repacks 4-bit weights on CPU at the first no-grad forward (an eval) and
         # trains on with other numerics, so a run resumed past an eval would diverge.

@@ -5,6 +5,7 @@ loss (token-weighted, as the fast engine does) itself, so both engines mean the 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def training_args(plan: Plan, output_dir: Path, *, total_steps: int, use_cpu: bo
         "optim": o.name,
         "max_grad_norm": o.max_grad_norm or 0.0,  # 0: the Trainer does not clip
         "train_sampling_strategy": "group_by_length" if s.group_by_length else "random",
-        "gradient_checkpointing": e.recompute == "every-layer",
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "activation_checkpointing": e.recompute == "every-layer",  # transformers 5.24 name
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "bf16": p.adapter_compute == "bfloat16",
         "fp16": p.adapter_compute == "float16",
         "logging_steps": s.logging_steps,
@@ -140,10 +141,12 @@ def train(
     use_cpu: bool,
     world_size: int,
 ) -> TrainResult:
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
+    disable_progress_bars()  # dataset preparation bars: noise in run.log
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     total = plan.schedule.total_steps(len(train_examples))
     args = SFTConfig(**training_args(plan, out / contract.CHECKPOINTS_DIR, total_steps=total,
                                      use_cpu=use_cpu, world_size=world_size))  # fmt: skip
