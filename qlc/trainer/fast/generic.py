@@ -5,7 +5,7 @@ decoder does not model. Slower, never wrong; run at the plan's precision:
   run), the other frozen weights (norms, embeddings) are cast to the activations dtype for the
   run and the embeddings' output too, so the residual stream is in the activations dtype;
 - LoRA: float32 adapter compute is peft's own (input cast to float32, output cast back);
-  16-bit adapter compute runs the forward under autocast to that dtype, as mixed precision does;
+  16-bit adapter compute runs the LoRA matmuls (only them) under autocast to that dtype;
 - the head takes its input in the base matmul dtype and returns float32 logits (outside
   autocast), whatever the model's head dtype;
 - recompute "every-layer" is the model's own gradient checkpointing.
@@ -47,6 +47,7 @@ class GenericLoss:
         self._cast_frozen(exclude={id(p) for p in head.parameters()})
         self._patch_head(head)
         self._cast_embeddings(model.get_input_embeddings())
+        self._autocast_adapters()
         self._set_recompute(recompute)
 
     def _set_compute_dtype(self) -> None:
@@ -87,7 +88,7 @@ class GenericLoss:
                     return out
                 return upcast_matmul(h.to(base), head.weight) + _bias(head)
 
-        head.forward = forward
+        setattr(head, "forward", forward)  # noqa: B010 (an instance attribute, undone)
         self.undo.append(lambda: delattr(head, "forward"))
 
     def _probe(self, h: torch.Tensor) -> None:
@@ -99,6 +100,24 @@ class GenericLoss:
                 "the generic path's residual stream reaches the head in this dtype (a module "
                 "trained outside LoRA keeps float32 weights)",
             )
+
+    def _autocast_adapters(self) -> None:
+        """16-bit adapter compute: each LoRA matmul under autocast, and nothing else (autocast
+        around the whole forward would also run attention and the head in 16 bits)."""
+        adapter = self.dtypes.adapter
+        if adapter == torch.float32:
+            return
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and (".lora_A." in name or ".lora_B." in name):
+                original = module.forward
+
+                def forward(x: torch.Tensor, original: Any = original) -> torch.Tensor:
+                    with torch.autocast(x.device.type, dtype=adapter):
+                        out: torch.Tensor = original(x)
+                        return out
+
+                setattr(module, "forward", forward)  # noqa: B010 (an instance attribute, undone)
+                self.undo.append(functools.partial(delattr, module, "forward"))
 
     def _cast_embeddings(self, embeddings: Any) -> None:
         act = self.dtypes.activations
@@ -141,11 +160,7 @@ class GenericLoss:
 
     def loss_sum(self, examples: list[Example], device: torch.device) -> torch.Tensor:
         batch = pad(examples, self.pad_id, device)
-        adapter = self.dtypes.adapter
-        with torch.autocast(device.type, dtype=adapter, enabled=adapter != torch.float32):
-            logits = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
-            ).logits
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return cross_entropy_sum(logits.float().flatten(0, 1), batch.targets.flatten())
 
 
