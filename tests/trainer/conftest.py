@@ -159,14 +159,18 @@ def run_fast(
     resume_from: Path | None = None,
     stop: StopFlag | None = None,
     sample: Any = None,
+    log_hook: Any = None,
+    log_enabled: bool = True,
 ) -> tuple[Any, list[dict[str, Any]], Decisions]:
     """qlc.trainer.fast.train with a metrics log kept in memory: (result, records, decisions)."""
     from qlc.trainer.fast import train
 
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", enabled=True)
+    log = MetricsLog(out / "metrics.jsonl", enabled=log_enabled)
     records: list[dict[str, Any]] = []
     log.listeners.append(records.append)
+    if log_hook is not None:
+        log.listeners.append(log_hook)
     decisions = Decisions()
     result = train(
         model=model,
