@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -77,16 +77,14 @@ def train(
     Interrupted. `sample` with streamed base weights: the greedy continuation is computed
     before the weights go back to host memory (TrainResult.sample_ids)."""
     started = time.perf_counter()
-    ranks = _ranks(plan)
-    peft_model: Any = model
-    device, dtypes = _device(model, plan), Dtypes.of(plan.engine.precision)
+    ranks, device = _ranks(plan), _device(model, plan)
     if device.type == "cuda" and plan.engine.base_weights != "dequantized":
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")  # less waste
     torch.manual_seed(plan.job.seed)  # dropout; a resumed run restores its saved state
     steps = step_schedule([len(ex["input_ids"]) for ex in train_examples], plan.schedule,
                           plan.job.seed)  # fmt: skip
-    was_training = model.training
-    decoder, loss_fn = _loss(peft_model, pad_id, plan, dtypes, device, train_examples, decisions)
+    was_training, peft_model = model.training, cast(Any, model)
+    decoder, loss_fn = _loss(peft_model, pad_id, plan, device, train_examples, decisions)
     try:
         loop = Loop(
             plan=plan,
@@ -104,20 +102,42 @@ def train(
             profile_steps=_profile_steps(decisions),
             started=started,
         )
-        if resume_from is not None:
-            loop.step = read_marker(resume_from, plan_sha256)
-            load_checkpoint(resume_from, loop.state, ranks.rank, ranks.world, decisions)
-        loss_fn.after_step()  # the adapter's compute copies, of the (restored) weights
-        loop.run()
-        seconds = time.perf_counter() - started
-        eval_loss = evaluate(loss_fn, eval_examples, plan.schedule.batch_size, device)
-        sample_ids = None
-        if sample is not None and decoder is not None and decoder.stream is not None:
-            sample_ids = decoder.greedy(sample.prompt_ids, sample.new_tokens, sample.stop_id)
+        return _run(loop, decoder, resume_from, sample, decisions)
     finally:
         _release(decoder, loss_fn)
         model.train(was_training)
-    return _result(loop, seconds, eval_loss, sample_ids)
+
+
+def _run(
+    loop: Loop,
+    decoder: FastDecoder | None,
+    resume_from: Path | None,
+    sample: SampleRequest | None,
+    decisions: Decisions,
+) -> TrainResult:
+    """Resume, train, evaluate, sample: the engine's work once everything is in place."""
+    if resume_from is not None:
+        loop.step = read_marker(resume_from, loop.plan_sha256)
+        load_checkpoint(resume_from, loop.state, loop.ranks.rank, loop.ranks.world, decisions)
+    loop.loss_fn.after_step()  # the adapter's compute copies, of the (restored) weights
+    loop.run()
+    seconds = time.perf_counter() - loop.started
+    batch_size = loop.plan.schedule.batch_size
+    eval_loss = evaluate(loop.loss_fn, loop.eval_examples, batch_size, loop.device)
+    sample_ids = None
+    if sample is not None and decoder is not None and decoder.stream is not None:
+        sample_ids = decoder.greedy(sample.prompt_ids, sample.new_tokens, sample.stop_id)
+    cuda = loop.device.type == "cuda"
+    return TrainResult(
+        steps=loop.step,
+        tokens_trained=loop.tokens,
+        train_seconds=seconds,
+        eval_loss=eval_loss,
+        peak_memory_allocated=torch.cuda.max_memory_allocated(loop.device) if cuda else None,
+        peak_memory_reserved=torch.cuda.max_memory_reserved(loop.device) if cuda else None,
+        time_to_first_step_s=loop.first_step_s,
+        sample_ids=sample_ids,
+    )
 
 
 def _ranks(plan: Plan) -> Ranks:
@@ -142,11 +162,12 @@ def _loss(
     model: Any,
     pad_id: int,
     plan: Plan,
-    dtypes: Dtypes,
     device: torch.device,
     examples: list[Example],
     decisions: Decisions,
 ) -> tuple[FastDecoder | None, LossFn]:
+    """The padding-free decoder's loss, or the generic path's (recorded)."""
+    dtypes = Dtypes.of(plan.engine.precision)
     if use_decoder(model, plan, examples, decisions):
         attention, why = Attention.for_device(device, dtypes.activations)
         decisions.record("train.engine.attention", attention.name, why)
@@ -224,19 +245,3 @@ def _release(decoder: FastDecoder | None, loss_fn: LossFn) -> None:
         decoder.release()
     if isinstance(loss_fn, GenericLoss):
         loss_fn.release()
-
-
-def _result(
-    loop: Loop, seconds: float, eval_loss: float | None, sample_ids: list[int] | None
-) -> TrainResult:
-    cuda = loop.device.type == "cuda"
-    return TrainResult(
-        steps=loop.step,
-        tokens_trained=loop.tokens,
-        train_seconds=seconds,
-        eval_loss=eval_loss,
-        peak_memory_allocated=torch.cuda.max_memory_allocated(loop.device) if cuda else None,
-        peak_memory_reserved=torch.cuda.max_memory_reserved(loop.device) if cuda else None,
-        time_to_first_step_s=loop.first_step_s,
-        sample_ids=sample_ids,
-    )
