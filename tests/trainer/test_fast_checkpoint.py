@@ -106,6 +106,7 @@ def test_checkpoints_are_complete_and_kept_to_the_limit(tiny_dir: Path, tmp_path
         names = {p.name for p in checkpoint.iterdir()}
         assert {"adapter_model.safetensors", "adapter_config.json", TRAINING_STATE_FILE,
                 COMPLETE_MARKER} <= names  # fmt: skip
+        assert "README.md" not in names  # not peft's placeholder model card
         state = torch.load(checkpoint / TRAINING_STATE_FILE, weights_only=False)
         assert set(state) == {"trainable", "optimizer", "scheduler", "scaler", "rng"}
         assert len(state["rng"]) == 1  # one process

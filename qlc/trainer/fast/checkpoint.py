@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qlc.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
+from qlc.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, MODEL_CARD_FILE, write_json_atomic
 from qlc.trainer.errors import UserError
 from qlc.trainer.fast.precision import LossScaler
 from qlc.trainer.types import Decisions
@@ -68,6 +68,9 @@ def save_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     state.model.save_pretrained(str(partial))
+    # peft's placeholder card ("More Information Needed", the base model's local path): a
+    # checkpoint is for resuming; the finished adapter gets the run's own card
+    (partial / MODEL_CARD_FILE).unlink(missing_ok=True)
     trainable = {
         n: p.detach().cpu().clone() for n, p in state.model.named_parameters() if p.requires_grad
     }
