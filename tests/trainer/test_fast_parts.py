@@ -161,7 +161,7 @@ def test_each_computation_uses_the_dtype_the_plan_names(
         generic.release()
     else:
         plan = with_engine(plan, base_weights=path)
-        loss = FastLoss(model, decoder_for(model, plan))
+        loss = FastLoss(decoder_for(model, plan))
         loss.after_step()
         with log:
             loss.loss_sum(examples, CPU).backward()
@@ -176,7 +176,7 @@ def test_each_computation_uses_the_dtype_the_plan_names(
 def test_16_bit_adapter_copies_follow_the_float32_weights(tiny_dir: Path) -> None:
     plan = with_engine(make_plan(), precision={"adapter_compute": "bfloat16"})
     model = load_model(tiny_dir, plan)
-    loss = FastLoss(model, decoder_for(model, plan))
+    loss = FastLoss(decoder_for(model, plan))
     loss.after_step()
     loss.loss_sum(make_examples(3, seed=2), CPU).backward()
     loss.after_backward()

@@ -38,9 +38,8 @@ from qlc.trainer.types import (
 class FastLoss:
     """The padding-free decoder's loss, with the adapter's compute-dtype copies kept current."""
 
-    def __init__(self, model: Any, decoder: FastDecoder) -> None:
-        self.model, self.decoder = model, decoder
-        self.loras = decoder.loras
+    def __init__(self, decoder: FastDecoder) -> None:
+        self.decoder, self.loras = decoder, decoder.loras
 
     def loss_sum(self, examples: list[Example], device: torch.device) -> torch.Tensor:
         return self.decoder.loss_sum(pack(examples, device))
@@ -183,7 +182,7 @@ def _loss(
         )
         decoder = FastDecoder(model, setup)
         decoder.recompute = decide_recompute(model, plan, examples, device, decisions)
-        return decoder, FastLoss(model, decoder)
+        return decoder, FastLoss(decoder)
     _record_generic(plan, decisions)
     if plan.engine.base_weights == "streamed":
         model.to(device)  # the generic path computes where the model is

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -103,7 +103,9 @@ class Loop:
                 self._interrupt()
         reporter.flush()
 
-    def _train_step(self, micro_indices: list[list[int]]) -> tuple[float, torch.Tensor, Any, int]:
+    def _train_step(
+        self, micro_indices: list[list[int]]
+    ) -> tuple[float, torch.Tensor, torch.Tensor, int]:
         """One optimizer step: (its learning rate, gradient norm, loss, tokens of all ranks)."""
         state = self.state
         micro = [[self.examples[i] for i in mb] for mb in micro_indices]
