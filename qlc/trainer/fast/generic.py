@@ -67,7 +67,7 @@ class GenericLoss:
             self._set_data(param, param.data.to(self.dtypes.activations))
 
     def _set_data(self, param: torch.nn.Parameter, data: torch.Tensor) -> None:
-        if data.dtype != param.dtype:
+        if data.data_ptr() != param.data_ptr():  # a cast that changed nothing: the same storage
             old = param.data
             param.data = data
             self.undo.append(lambda: setattr(param, "data", old))
