@@ -274,7 +274,7 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
             if batches == "padding-free"
             else "the model's SDPA on padded batches"
         )
-        loss = "chunked" if lean else "full"
+        loss = "chunked" if lean and batches == "padding-free" else "full"
     else:
         path, batches = "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)", "padded"
         base, loss = "4bit", "full"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,6 +216,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-weight loading bars: noise in run.log
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     quant, engine = plan.quantization, plan.engine
     on_host = engine.base_weights == "streamed" and not use_cpu
     with quantized_on_gpu_kept_on_host(on_host):

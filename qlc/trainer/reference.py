@@ -5,7 +5,6 @@ loss (token-weighted, as the fast engine does) itself, so both engines mean the 
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +145,6 @@ def train(
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     disable_progress_bars()  # dataset preparation bars: noise in run.log
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     total = plan.schedule.total_steps(len(train_examples))
     args = SFTConfig(**training_args(plan, out / contract.CHECKPOINTS_DIR, total_steps=total,
                                      use_cpu=use_cpu, world_size=world_size))  # fmt: skip

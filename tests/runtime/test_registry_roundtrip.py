@@ -1,7 +1,8 @@
 """The hand-off chain on a real daemon and a real local registry (Debian's docker-registry on
 loopback): build the tiny spec's image, `qlc push` it, remove it from the daemon so only the
 registry has it, `qlc run` (pulled back by digest), the manifest records the digest, `qlc
-reproduce` of that manifest pulls that digest, and `qlc run --resume` keeps recording it.
+reproduce` of that manifest pulls that digest, and `qlc run --resume` leaves the finished run as it
+is (resuming an unfinished pushed run keeps the digest: tests/runtime/test_pull.py).
 
 The image is the tiny spec under its own job name, so the session's tiny image (other tests
 use it) is never removed; it shares the locked stack's layer with that image, so the build
@@ -88,10 +89,9 @@ def test_push_remove_run_from_registry_then_reproduce_pulls_the_digest(
         rerun_dir = Path(again.stdout.split("rerun: ", 1)[1].splitlines()[0])
         assert predicate_of(rerun_dir)["image"]["digest"] == reference
 
+        before = (run_dir / "manifest.json").read_bytes()
         resumed = qlc(project, "run", "--resume", str(run_dir))
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        predicate = predicate_of(run_dir)
-        assert predicate["run"]["resumed_from"] is not None
-        assert predicate["image"]["digest"] == reference
+        assert resumed.returncode == 2 and "finished run" in resumed.stderr  # never rewritten
+        assert (run_dir / "manifest.json").read_bytes() == before
     finally:
         forget_image(engine, image_id)

@@ -19,7 +19,7 @@ class Reporter:
 
     def __init__(self, device: torch.device, log: MetricsLog) -> None:
         self.device, self.log = device, log
-        self.window_start = time.perf_counter()
+        self.window_start = self._mark()  # when the window's first step was queued/ran
         self.window_loss = torch.zeros((), device=device)
         self.window_steps = self.window_tokens = 0
         self.pending: tuple[dict[str, Any], torch.Tensor, torch.Tensor, Any] | None = None
@@ -34,32 +34,45 @@ class Reporter:
         """`record` ({"step", "max_steps", "epoch", "lr"}) is logged once its loss is ready."""
         record = {"event": "train", **record, "tokens": self.window_tokens}
         loss = self.window_loss / self.window_steps
-        event = CudaEvent() if self.device.type == "cuda" else None
-        if event is not None:
-            event.record()
+        end = self._mark()
+        record["window"] = (self.window_start, end)
+        self.window_start = end
         self.flush()
-        self.pending = (record, loss, grad_norm.detach().clone(), event)
+        self.pending = (record, loss, grad_norm.detach().clone(), end)
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = self.window_tokens = 0
 
     def flush(self) -> None:
         if self.pending is None:
             return
-        record, loss, grad_norm, event = self.pending
+        record, loss, grad_norm, end = self.pending
         self.pending = None
-        if event is not None:
-            event.synchronize()  # the logged step only; later steps keep running
-        now = time.perf_counter()
+        if not isinstance(end, float):
+            end.synchronize()  # the logged step only; later steps keep running
         self.last_loss = float(loss.item())
-        tokens = record.pop("tokens")
+        tokens, (start, end) = record.pop("tokens"), record.pop("window")
         record.update(
             loss=self.last_loss,
             grad_norm=float(grad_norm.item()),
-            tokens_per_s=tokens / max(now - self.window_start, 1e-9),
+            tokens_per_s=tokens / max(self._seconds(start, end), 1e-9),
             memory_bytes=peak_memory_bytes(),
         )
-        self.window_start = now
         self.log(record)
+
+    def _mark(self) -> Any:
+        """Now: a timed CUDA event on the GPU's stream (the GPU's clock, read later without
+        a stall), or the host's clock on CPU (where the work is done when it returns)."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = CudaEvent(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def _seconds(start: Any, end: Any) -> float:
+        if isinstance(end, float):
+            return float(end - start)
+        return float(start.elapsed_time(end)) / 1000.0
 
 
 class StepProfiler:
