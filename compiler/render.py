@@ -14,22 +14,16 @@ from qlc import contract
 from qlc.compiler.plan import Plan
 from qlc.contract import LOCK_FILE, PLAN_FILE, SCRIPT_FILE, SPEC_FILE
 
-# The trainer package and what it imports, as (package, module file) shipped under qlc/.
-COMMON_MODULES = (
+# What the trainer imports besides its own package, as (package, module file) under qlc/.
+SUPPORT_MODULES = (
     ("qlc", "__init__.py"),
     ("qlc", "contract.py"),
     ("qlc.compiler", "__init__.py"),
     ("qlc.compiler", "plan.py"),
-    *(
-        ("qlc.trainer", name)
-        for name in (
-            "__init__.py", "checkpoints.py", "errors.py", "evaluate.py", "examples.py",
-            "formats.py", "launch.py", "model.py", "model_card.py", "provenance.py",
-            "recipe.py", "render.py", "rows.py", "runenv.py", "sample.py", "types.py",
-        )
-    ),
-)  # fmt: skip
-ENGINE_MODULES = {"reference": ("reference.py",)}
+)
+TRAINER_PACKAGE = "qlc.trainer"
+# Modules of one engine only: shipped when the plan runs that engine.
+ENGINE_MODULES = {"reference": ("reference.py",), "fast": ()}
 FAST_PACKAGE = "qlc.trainer.fast"
 
 
@@ -65,14 +59,19 @@ def plan_json(plan: Plan) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=True) + "\n").encode()
 
 
+def _python_files(package: str) -> list[str]:
+    return sorted(p.name for p in resources.files(package).iterdir() if p.name.endswith(".py"))
+
+
 def trainer_modules(plan: Plan) -> list[str]:
-    """Context paths (qlc/...) of the trainer modules the plan's engine runs."""
-    modules = [*COMMON_MODULES]
+    """Context paths (qlc/...) of the trainer modules the plan's engine runs: the package
+    without the other engines' modules, and what it imports from qlc."""
+    other = {n for engine, names in ENGINE_MODULES.items() if engine != plan.engine.name
+             for n in names}  # fmt: skip
+    modules = [*SUPPORT_MODULES]
+    modules += [(TRAINER_PACKAGE, n) for n in _python_files(TRAINER_PACKAGE) if n not in other]
     if plan.engine.name == "fast":
-        fast = resources.files(FAST_PACKAGE)
-        modules += [(FAST_PACKAGE, p.name) for p in fast.iterdir() if p.name.endswith(".py")]
-    else:
-        modules += [("qlc.trainer", name) for name in ENGINE_MODULES[plan.engine.name]]
+        modules += [(FAST_PACKAGE, name) for name in _python_files(FAST_PACKAGE)]
     return sorted(f"{package.replace('.', '/')}/{name}" for package, name in modules)
 
 

@@ -269,6 +269,7 @@ MANIFEST_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "effective": ((_DICT,), True),
     "substitutions": ((_LIST,), True),
     "decisions": ((_LIST,), True),
+    "observed": ((_DICT,), True),
     "environment": ((_DICT,), True),
     "metrics": ((_DICT,), True),
     "records": ((_DICT,), True),

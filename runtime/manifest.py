@@ -225,6 +225,7 @@ def placeholder(host: HostView, problem: str | None) -> dict[str, Any]:
             "effective": {},
             "substitutions": [],
             "decisions": [],
+            "observed": {},
             "environment": {},
             "metrics": {},
             "records": {},

@@ -109,6 +109,7 @@ def new_manifest(
             "effective": {},
             "substitutions": [s.model_dump(mode="json") for s in plan.substitutions],
             "decisions": [],
+            "observed": {},
             "environment": observed_environment(),
             "metrics": {},
             "records": {},

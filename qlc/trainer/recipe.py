@@ -31,6 +31,7 @@ from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
 from qlc.trainer.examples import Prepared, prepare, prompt_ids, show_example
 from qlc.trainer.model import ModelSource, build_smoke_model, load_tokenizer, model_source
+from qlc.trainer.observe import Observer
 from qlc.trainer.rows import load_rows
 from qlc.trainer.runenv import RunEnv
 from qlc.trainer.types import (
@@ -271,23 +272,35 @@ class Run:
             self.log({"event": "resume", "checkpoint": resume_from.name})
             self.say(f"qlc: resuming from {resume_from.name} (same plan)")
         evals = data.eval.examples if data.eval else []
+        config = model.get_base_model().config
+        observer = Observer(plan.lora.r, int(config.vocab_size))
         self.training = True
         try:
             if plan.engine.name == "fast":
-                return self.train_fast(model, data, evals, resume_from)
-            from qlc.trainer import reference
-
-            return reference.train(
-                model=model, tokenizer=data.tokenizer, train_examples=data.train.examples,
-                eval_examples=evals, plan=plan, plan_sha256=self.effective_sha256(),
-                out=env.output_dir, log=self.log, decisions=self.decisions, stop=self.stop,
-                resume_from=resume_from, use_cpu=self.use_cpu, world_size=env.world_size,
-            )  # fmt: skip
+                result = self.train_fast(model, data, evals, resume_from, observer)
+            else:
+                result = self.train_reference(model, data, evals, resume_from, observer)
+            self.manifest["predicate"]["observed"] = result.observed
+            return result
         finally:
             self.training = False
 
+    def train_reference(self, model: Any, data: Data, evals: list[Any],
+                        resume_from: Path | None, observer: Observer) -> TrainResult:  # fmt: skip
+        from qlc.trainer import reference
+
+        env, plan = self.env, self.plan
+        assert self.log is not None
+        return reference.train(
+            model=model, tokenizer=data.tokenizer, train_examples=data.train.examples,
+            eval_examples=evals, plan=plan, plan_sha256=self.effective_sha256(),
+            out=env.output_dir, log=self.log, decisions=self.decisions, stop=self.stop,
+            resume_from=resume_from, use_cpu=self.use_cpu, world_size=env.world_size,
+            observer=observer,
+        )  # fmt: skip
+
     def train_fast(self, model: Any, data: Data, evals: list[Any],
-                   resume_from: Path | None) -> TrainResult:  # fmt: skip
+                   resume_from: Path | None, observer: Observer) -> TrainResult:  # fmt: skip
         from qlc.trainer import fast
 
         assert self.log is not None
@@ -298,7 +311,7 @@ class Run:
             model=model, pad_id=tokenizer.pad_token_id or 0, train_examples=data.train.examples,
             eval_examples=evals, plan=self.plan, plan_sha256=self.effective_sha256(),
             out=self.env.output_dir, log=self.log, decisions=self.decisions, stop=self.stop,
-            resume_from=resume_from, sample=sample,
+            resume_from=resume_from, sample=sample, observer=observer,
         )  # fmt: skip
         if self.env.writes:  # every process holds the same adapter
             model.save_pretrained(self.env.output_dir / contract.ADAPTER_STAGING_DIR)

@@ -4,6 +4,7 @@ loss (token-weighted, as the fast engine does) itself, so both engines mean the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from qlc.compiler.plan import Plan
 from qlc.trainer.checkpoints import write_marker
 from qlc.trainer.errors import Interrupted
 from qlc.trainer.evaluate import token_weighted_loss
+from qlc.trainer.observe import Observer
 from qlc.trainer.types import (
     Decisions,
     Example,
@@ -81,7 +83,7 @@ def fsdp_args(plan: Plan, world_size: int) -> dict[str, Any]:
 
 
 def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
-              evaluate: Any) -> Any:  # fmt: skip
+              evaluate: Any, observer: Observer) -> Any:  # fmt: skip
     """The one callback that reports (metrics.jsonl), evaluates (token-weighted, at eval_steps),
     marks complete checkpoints and stops after a step when a stop was requested."""
     from transformers import TrainerCallback
@@ -89,8 +91,14 @@ def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
     eval_steps = plan.schedule.eval_steps
 
     class Qlc(TrainerCallback):
+        watching = contextlib.ExitStack()
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start, self.tokens_at_start = time.time(), state.num_input_tokens_seen
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not observer.watched:  # what the first step computes in, observed
+                self.watching.enter_context(observer.watch())
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             logs = logs or {}
@@ -104,6 +112,7 @@ def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
                  "memory_bytes": peak_memory_bytes()})  # fmt: skip
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.watching.close()
             if eval_steps and state.global_step % eval_steps == 0:
                 value = evaluate(state.global_step)
                 log({"event": "eval", "step": state.global_step, "eval_loss": value})
@@ -139,6 +148,7 @@ def train(
     resume_from: Path | None,
     use_cpu: bool,
     world_size: int,
+    observer: Observer,
 ) -> TrainResult:
     from datasets import Dataset, disable_progress_bars
     from transformers.trainer_callback import PrinterCallback
@@ -160,7 +170,7 @@ def train(
         args=args,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(list(train_examples)),
-        callbacks=[callbacks(plan, plan_sha256, log, stop, evaluate)],
+        callbacks=[callbacks(plan, plan_sha256, log, stop, evaluate, observer)],
     )
     trainer.remove_callback(PrinterCallback)  # metrics.jsonl and the progress line say it once
     packed: Any = trainer.train_dataset
@@ -199,6 +209,7 @@ def train(
         train_seconds=seconds,
         eval_loss=evaluated[step] if step in evaluated else evaluate(step),
         peak_memory_reserved=peak_memory_bytes(),
+        observed=observer.after(trained, trainer.optimizer),
     )
 
 

@@ -53,6 +53,7 @@ class TrainResult:
     peak_memory_reserved: int | None = None
     time_to_first_step_s: float | None = None
     sample_ids: list[int] | None = None
+    observed: dict[str, Any] = field(default_factory=dict)  # qlc.trainer.observe
 
     @property
     def tokens_per_s(self) -> float:

@@ -84,6 +84,28 @@ def test_shipped_modules_are_the_repository_s_files(case: str) -> None:
         assert data == source.read_bytes(), name
 
 
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_the_shipped_package_imports_alone(engine: str, tmp_path: Path) -> None:
+    """Every shipped module imports from the context with nothing else of qlc on the path: the
+    image has all the trainer needs (a module left out fails here, not in a batch job)."""
+    source = (
+        (ROOT / "specs/tiny.toml").read_text().replace("[train]", f'[train]\nengine = "{engine}"')
+    )
+    context = compile_spec(
+        source.encode(), "specs/tiny.toml", (ROOT / "specs/tiny.lock").read_bytes()
+    )
+    for name, data in context.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    modules = [n.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+               for n in context.files if n.startswith("qlc/") and n.endswith(".py")]  # fmt: skip
+    code = "import importlib, os, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    code += "import qlc\nassert qlc.__file__.startswith(os.getcwd()), qlc.__file__"
+    done = subprocess.run([sys.executable, "-c", code, *modules], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_only_the_plan_s_engine_is_shipped() -> None:
     reference = set(compile_case("guanaco").files)
     assert "qlc/trainer/reference.py" in reference

@@ -673,6 +673,7 @@ def _finished_run(tmp_path: Path) -> Path:
             "effective": {},
             "substitutions": [],
             "decisions": [],
+            "observed": {},
             "records": {},
             "environment": {},
         },

@@ -189,6 +189,7 @@ def trainer_manifest(
             "effective": {},
             "substitutions": [],
             "decisions": [],
+            "observed": {},
             "environment": {"user": {"uid": 10001, "gid": 10001}},
             "metrics": metrics or {},
             "records": {},

@@ -25,6 +25,7 @@ from qlc.trainer.fast.path import decide_recompute, use_decoder
 from qlc.trainer.fast.precision import Dtypes, LossScaler
 from qlc.trainer.fast.ranks import Ranks
 from qlc.trainer.fast.schedule import pack, step_schedule
+from qlc.trainer.observe import Observer
 from qlc.trainer.types import (
     Decisions,
     Example,
@@ -70,6 +71,7 @@ def train(
     stop: StopFlag,
     resume_from: Path | None,
     sample: SampleRequest | None,
+    observer: Observer | None = None,
 ) -> TrainResult:
     """Train the peft model's adapter in place as `plan` says (plan.train.schedule already sized
     for this world). Checkpoints go to out/checkpoints; a stop request saves one and raises
@@ -100,6 +102,7 @@ def train(
             plan_sha256=plan_sha256,
             profile_steps=_profile_steps(decisions),
             started=started,
+            observer=observer,
         )
         return _run(loop, decoder, resume_from, sample, decisions)
     finally:
@@ -136,6 +139,9 @@ def _run(
         peak_memory_reserved=torch.cuda.max_memory_reserved(loop.device) if cuda else None,
         time_to_first_step_s=loop.first_step_s,
         sample_ids=sample_ids,
+        observed=loop.observer.after(loop.state.model, loop.state.optimizer)
+        if loop.observer
+        else {},
     )
 
 

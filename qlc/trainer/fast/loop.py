@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from qlc.trainer.fast.checkpoint import (
 from qlc.trainer.fast.ranks import Ranks, StopVote
 from qlc.trainer.fast.report import Reporter, StepProfiler
 from qlc.trainer.fast.schedule import Steps, label_count
+from qlc.trainer.observe import Observer
 from qlc.trainer.types import Example, MetricsLog, StopFlag
 
 
@@ -74,6 +76,7 @@ class Loop:
     started: float = field(default_factory=time.perf_counter)
     first_step_s: float | None = None
     saved_at: int | None = None
+    observer: Observer | None = None  # watches the first step's products (the manifest's)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -86,7 +89,8 @@ class Loop:
         per_epoch = self.plan.schedule.steps_per_epoch(len(self.examples))
         self.loss_fn.train(True)
         for index in range(self.step, len(self.steps)):
-            lr, grad_norm, step_loss, tokens = self._train_step(self.steps[index])
+            with self.observer.watch() if self.observer else contextlib.nullcontext():
+                lr, grad_norm, step_loss, tokens = self._train_step(self.steps[index])
             self.step, self.tokens = index + 1, self.tokens + tokens
             reporter.add(step_loss, tokens)
             if self.first_step_s is None:
