@@ -168,16 +168,18 @@ def uses_cpu(plan: Plan, env: RunEnv) -> bool:
     return False
 
 
-def init_distributed(env: RunEnv, use_cpu: bool) -> None:
-    """The process group of a launched run (NCCL on GPUs, gloo on CPU)."""
+def init_distributed(env: RunEnv, use_cpu: bool) -> bool:
+    """The process group of a launched run (NCCL on GPUs, gloo on CPU); whether this call made
+    it (a group the caller already had is the caller's to end)."""
     import torch
     import torch.distributed as dist
 
     if env.world_size < 2 or dist.is_initialized():
-        return
+        return False
     if not use_cpu:
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend="gloo" if use_cpu else "nccl")
+    return True
 
 
 def rank_devices(env: RunEnv, use_cpu: bool) -> list[str]:

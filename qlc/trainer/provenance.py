@@ -72,8 +72,8 @@ def effective_settings(plan: Plan) -> dict[str, Any]:
     """{setting: value} of the plan that runs (its smoke and world-size variants applied):
     exactly the rows `qlc explain` prints for that plan."""
     settings = {row.name: row.value for row in plan.settings()}
-    if plan.data.has_eval:
-        settings["eval_metric"] = plan.train.eval_metric
+    if plan.data.has_eval:  # what eval_loss means, in words (the same in every engine)
+        settings["eval_loss_definition"] = plan.train.eval_metric
     return settings
 
 

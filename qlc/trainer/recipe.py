@@ -113,6 +113,7 @@ class Run:
     decisions: Decisions = field(default_factory=Decisions)
     stop: StopFlag = field(default_factory=StopFlag)
     training: bool = False
+    owns_group: bool = False  # the process group this run made (and ends)
     log: MetricsLog | None = None
 
     @classmethod
@@ -184,7 +185,7 @@ class Run:
     def prepare_data(self) -> Data:
         plan, env = self.plan, self.env
         self.use_cpu = launch.uses_cpu(plan, env)
-        launch.init_distributed(env, self.use_cpu)
+        self.owns_group = launch.init_distributed(env, self.use_cpu)
         self.scale_to_world()
         self.manifest["predicate"]["environment"]["rank_devices"] = devices = launch.rank_devices(
             env, self.use_cpu
@@ -390,7 +391,8 @@ class Run:
         if self.env.writes and not self.launched:
             provenance.finish_manifest(self.manifest, self.env.output_dir, status, message)
             provenance.write_manifest(self.env.output_dir, self.manifest)
-        launch.finish_distributed()
+        if self.owns_group:
+            launch.finish_distributed()
         return handled
 
     def interrupted(self, error: Interrupted) -> str:
