@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,9 +20,19 @@ from rich.console import Console
 from rich.table import Table
 
 from qlc import __version__
-from qlc.compiler.explain import derived, explain, memory_json, memory_lines
-from qlc.compiler.load import SpecError, load_spec_file
+from qlc.compiler.explain import Setting, derived, explain, memory_json, memory_lines
+from qlc.compiler.load import Diagnostic, SpecError, load_spec_file, read_spec_and_lock
 from qlc.compiler.spec import Spec
+from qlc.contract import CONTEXT_MARKER
+from qlc.userio import (
+    UnreadableFile,
+    clip,
+    clip_words,
+    is_dir,
+    is_file,
+    output_problem,
+    read_user_file,
+)
 
 if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fast
     from qlc.compiler.context import BuildContext
@@ -37,6 +48,8 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+MAX_PROMPTS_BYTES = 16 << 20
+MAX_MODEL_CONFIG_BYTES = 4 << 20
 SpecArg = Annotated[Path, typer.Argument(help="A qlc TOML spec, e.g. specs/guanaco.toml.")]
 
 
@@ -53,17 +66,6 @@ def print_warnings(warnings: list[str]) -> None:
         err.print(f"warning: {warning}", markup=False)
 
 
-def read_spec_and_lock(spec_path: Path) -> tuple[bytes, bytes | None]:
-    from qlc.compiler.context import lock_name
-
-    try:
-        source = spec_path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{spec_path}:1:1: cannot read the spec: {error.strerror}") from None
-    lock_path = Path(lock_name(str(spec_path)))
-    return source, lock_path.read_bytes() if lock_path.is_file() else None
-
-
 def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
     from qlc.compiler.context import compile_spec
 
@@ -72,28 +74,95 @@ def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
 
 
 def write_context(context: BuildContext, directory: Path) -> None:
-    """Write a context atomically: a sibling temp dir renamed into place."""
-    directory = directory.resolve()
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} is a file: give -o a new or empty directory")
-    if directory.exists():
-        ours = set(context.files) | {".qlc-context"}
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours or p.is_dir())
-        if foreign:
-            raise UserError(
-                f"{directory} holds files qlc did not write ({', '.join(foreign[:3])}): "
-                "choose an empty or new directory"
-            )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=directory.parent))
-    for name, data in context.files.items():
-        (staging / name).write_bytes(data)
-    (staging / ".qlc-context").write_text(context.content_hash + "\n")
-    if directory.exists():
-        for path in directory.iterdir():
-            path.unlink()
-        directory.rmdir()
-    os.replace(staging, directory)
+    """Write a context atomically: a sibling temporary directory renamed into place.
+
+    An existing directory is replaced only when it is empty, or a context qlc wrote (it holds
+    the marker) with nothing in it that qlc would not write; anything else is refused and
+    nothing in it is touched."""
+    try:
+        target = directory.resolve()
+        if os.path.lexists(target):
+            check_replaceable(target, directory, context)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=target.parent))
+    except OSError as error:
+        raise UserError(f"error: {output_problem(directory, error)}") from None
+    try:
+        for name, data in context.files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
+        replace_dir(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"error: {output_problem(directory, error)}") from None
+
+
+def check_replaceable(target: Path, given: Path, context: BuildContext) -> None:
+    """Refuse a directory qlc may not replace: a file, a folder without the context marker,
+    or a context folder holding anything qlc did not write there."""
+    where = f"-o {clip(str(given), 200)}"
+    if not target.is_dir():
+        raise UserError(f"error: {where}: is a file, not a directory: give -o a new directory")
+    present = tree_entries(target)
+    if not present:
+        return
+    if present.get(CONTEXT_MARKER) != "file":
+        raise UserError(
+            f"error: {where}: not empty, and not a build context qlc wrote (no {CONTEXT_MARKER} "
+            "in it): qlc replaces only its own contexts; give -o a new or empty directory"
+        )
+    names = [*context.files, CONTEXT_MARKER]
+    ours = {name: "file" for name in names} | {
+        parent.as_posix(): "dir" for name in names for parent in Path(name).parents[:-1]
+    }
+    foreign = sorted(name for name, kind in present.items() if ours.get(name) != kind)
+    if foreign:
+        shown = ", ".join(clip(name) for name in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(
+            f"error: {where}: holds files qlc did not write ({shown}{more}): move them "
+            "away, or give -o another directory"
+        )
+
+
+def tree_entries(root: Path) -> dict[str, str]:
+    """{relative path: "file" | "dir" | "other"} of everything under root; links not followed."""
+    found: dict[str, str] = {}
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                name = Path(entry.path).relative_to(root).as_posix()
+                if entry.is_dir(follow_symlinks=False):
+                    found[name] = "dir"
+                    pending.append(Path(entry.path))
+                else:
+                    found[name] = "file" if entry.is_file(follow_symlinks=False) else "other"
+    return found
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put staging where target is; the old target (already checked to hold only qlc's
+    files) is moved aside first and removed file by file, never as a whole tree."""
+    if not os.path.lexists(target):
+        os.replace(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=".qlc-old-", dir=target.parent))
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(aside, target)
+        raise
+    for name, kind in sorted(tree_entries(aside).items(), reverse=True):
+        with contextlib.suppress(OSError):  # something new in it stays, in the aside folder
+            if kind == "dir":
+                (aside / name).rmdir()
+            else:
+                (aside / name).unlink()
+    with contextlib.suppress(OSError):
+        aside.rmdir()
 
 
 @app.command()
@@ -119,11 +188,19 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     gpu: Annotated[
         str | None,
-        typer.Option("--gpu", help="Check the memory estimate against this GPU, e.g. H100, L4."),
+        typer.Option(
+            "--gpu",
+            help="Check the memory estimate against this GPU, e.g. H100, L4: exit 1 when the "
+            "job does not fit it.",
+        ),
     ] = None,
 ) -> None:
     """Show every effective setting, its value, whether the spec or a default set it, and the
-    predicted peak GPU memory of training (with --gpu: whether it fits that card)."""
+    predicted peak GPU memory of training (with --gpu: whether it fits that card).
+
+    Exit 0; with --gpu, 0 when the job fits the card and 1 when it does not (text and --json
+    alike; without an estimate, for a model qlc knows no shape of, 0 and the reason); 2 for a
+    bad spec or an unknown GPU."""
     from qlc.compiler.memory import check_fit, estimate
     from qlc.compiler.shapes import UnknownGpu, UnknownShape, find_gpu
 
@@ -133,9 +210,11 @@ def explain_command(
     except UnknownGpu as error:
         raise UserError(f"error: --gpu: {error}") from None
     rows = explain(loaded) + derived(loaded)
+    fits = True
     try:
         memory = estimate(loaded, local_model_shape(spec, loaded), card)
         fit = check_fit(memory, card) if card is not None else None
+        fits = fit is None or fit.fits
         memory_out: dict[str, object] = memory_json(memory, fit)
         memory_text = memory_lines(memory, fit)
     except UnknownShape as error:
@@ -143,7 +222,15 @@ def explain_command(
     if as_json:
         shown: dict[str, object] = {r.key: {"value": r.value, "source": r.source} for r in rows}
         out.print_json(json.dumps({**shown, "memory": memory_out}))
-        return
+    else:
+        print_explanation(spec, rows, warnings, memory_text)
+    if not fits:
+        raise typer.Exit(1)
+
+
+def print_explanation(
+    spec: Path, rows: list[Setting], warnings: list[Diagnostic], memory_text: list[str]
+) -> None:
     print_warnings([str(w) for w in warnings])
     if out.is_terminal:
         table = Table("key", "value", "from", "meaning", title=str(spec))
@@ -167,11 +254,13 @@ def local_model_shape(spec_path: Path, spec: Spec) -> ModelShape | None:
     config = (
         directory if directory.is_absolute() else spec_path.parent / directory
     ) / "config.json"
-    try:
-        document = json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(config):
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    try:
+        document = json.loads(read_user_file(config, MAX_MODEL_CONFIG_BYTES))
+    except UnreadableFile as error:
+        raise UnknownShape(f"{config}: cannot read the model config ({error.reason})") from None
+    except (UnicodeDecodeError, ValueError) as error:
         raise UnknownShape(f"{config}: cannot read the model config ({error})") from None
     if not isinstance(document, dict):
         raise UnknownShape(f"{config}: not a JSON object")
@@ -230,9 +319,12 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     found = list(prompts)
     if prompts_file is not None:
         try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{prompts_file}: cannot read the prompts: {error}") from None
+            lines = read_user_file(prompts_file, MAX_PROMPTS_BYTES).decode("utf-8").splitlines()
+        except UnreadableFile as error:
+            raise UserError(f"{prompts_file}: cannot read the prompts: {error.reason}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"{prompts_file}: cannot read the prompts: not UTF-8 text "
+                            f"(byte {error.start})") from None  # fmt: skip
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -371,7 +463,7 @@ def run_command(
     """Run a training job in a container (GPU passthrough), or --local; writes a manifest."""
     from qlc.runtime.run import RunFailed, run
 
-    if resume is not None and not resume.is_dir():
+    if resume is not None and not is_dir(resume):
         raise UserError(f"--resume {resume}: no such run directory")
     with runtime_errors():
         try:
@@ -416,7 +508,7 @@ def build_to_push(target: str | None) -> tuple[str, str | None]:
     if target is None:
         record = records.last_build(project)
         return record.tag, record.job
-    if target.endswith(".toml") or Path(target).is_file():
+    if target.endswith(".toml") or is_file(Path(target)):
         spec, _ = load_spec_file(Path(target))
         found = records.job_build(project, spec.job.name)
         if found is None:
@@ -511,6 +603,7 @@ def export_command(
 
     plan = compile_path(spec).plan
     job = plan.job.name
+    default_dir = Path("export") / job / target
     if image is None:
         with runtime_errors():
             record = records.job_build(Path.cwd(), job)
@@ -529,9 +622,11 @@ def export_command(
             instance_type=instance_type, accelerator=accelerator, job_queue=job_queue,
             project=project, execution_role=execution_role, cpus=cpus, memory_gib=memory_gib,
         )  # fmt: skip
-        paths = write_export(files, output or Path("export") / job / target, overwrite=force)
+        paths = write_export(files, output or default_dir, overwrite=force)
     except ExportError as error:
         raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"error: {output_problem(output or default_dir, error)}") from None
     for path in paths:
         out.print(f"{path}: {target} job for {image}", markup=False)
 
@@ -539,7 +634,7 @@ def export_command(
 @contextlib.contextmanager
 def runtime_errors() -> Iterator[None]:
     """Map the runtime's errors: the user's to UserError (exit 2), the run's to RunFailure."""
-    from qlc.runtime.build import BuildFailure, SpecInputError
+    from qlc.runtime.build import BuildFailure
     from qlc.runtime.docker_engine import EngineError
     from qlc.runtime.records import RecordError
     from qlc.runtime.reproduce import ReproduceError
@@ -547,7 +642,7 @@ def runtime_errors() -> Iterator[None]:
 
     try:
         yield
-    except (SpecInputError, RunInputError, RecordError, ReproduceError) as error:
+    except (RunInputError, RecordError, ReproduceError) as error:
         raise UserError(str(error)) from None
     except (EngineError, BuildFailure) as error:
         raise RunFailure(str(error)) from None
@@ -563,13 +658,14 @@ def main() -> None:
     """Entry point: map errors to exit codes; never show a traceback for a user error.
 
     Typer's standalone mode handles --help, usage errors (exit 2) and Ctrl-C; qlc's own
-    errors propagate out of it and are printed here.
+    errors propagate out of it and are printed here, a value the user gave clipped to a
+    readable length.
     """
     try:
         app()
     except (SpecError, UserError) as error:
-        err.print(str(error), markup=False)
+        err.print(clip_words(str(error)), markup=False)
         sys.exit(2)
     except RunFailure as error:
-        err.print(f"error: {error}", markup=False)
+        err.print(clip_words(f"error: {error}"), markup=False)
         sys.exit(1)

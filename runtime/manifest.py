@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from qlc import __version__
+from qlc import __version__, contract
 from qlc.runtime.records import write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -72,9 +72,7 @@ def sha256_file(path: Path) -> str:
 
 def read_nofollow(path: Path) -> str:
     """Text of a file the run wrote; a link in its place is refused (ELOOP), never followed."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read().decode("utf-8", errors="replace")
+    return contract.read_nofollow(path).decode("utf-8", errors="replace")
 
 
 def write_atomic(path: Path, data: bytes) -> None:

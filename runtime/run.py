@@ -41,6 +41,7 @@ from qlc.runtime.records import (
     state_dir,
 )
 from qlc.runtime.supervise import Outcome, supervise_container
+from qlc.userio import is_dir, is_file
 
 CONTAINER_UID = "10001:10001"  # the user templates/Dockerfile.j2 creates
 
@@ -94,8 +95,8 @@ def resolve_inputs(spec_path: Path) -> RunInputs:
             f"{spec_path}: job.output_dir is {spec.job.output_dir}: qlc run "
             "writes to a local directory; use `qlc export` for batch services"
         )
-    tokenizer_from_hub = (
-        spec.model.tokenizer is not None and not (base / spec.model.tokenizer).exists()
+    tokenizer_from_hub = spec.model.tokenizer is not None and not os.path.exists(
+        base / spec.model.tokenizer
     )
     return RunInputs(
         spec=spec,
@@ -110,7 +111,7 @@ def resolve_inputs(spec_path: Path) -> RunInputs:
 
 def _local(base: Path, value: str, key: str, spec_path: Path, want_dir: bool) -> Path:
     path = (base / value).resolve()
-    ok = path.is_dir() if want_dir else path.is_file()
+    ok = is_dir(path) if want_dir else is_file(path)
     if not ok:
         kind = "directory" if want_dir else "file"
         raise RunInputError(f"{spec_path}: {key} = {value!r}: no such {kind} ({path})")
@@ -476,8 +477,8 @@ def resolve_target(
             return last_build(project)
         except RecordError as error:
             raise RunInputError(str(error)) from None
-    if target.endswith(".toml") or Path(target).is_file():
-        if not Path(target).is_file():
+    if target.endswith(".toml") or is_file(Path(target)):
+        if not is_file(Path(target)):
             raise RunInputError(f"{target}: no such spec file")
         # build's record keeps the push of the same image: a cache hit runs the pushed image
         return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
@@ -508,6 +509,6 @@ def _local_spec(target: str | None, project: Path) -> Path:
             return Path(last_build(project).spec_path)
         except RecordError as error:
             raise RunInputError(str(error)) from None
-    if not Path(target).is_file():
+    if not is_file(Path(target)):
         raise RunInputError(f"{target}: --local runs a spec file (no such file)")
     return Path(target)

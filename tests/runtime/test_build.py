@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 from runtime_fakes import FakeEngine, copy_tiny_project
 
+from qlc.compiler.load import SpecError
 from qlc.runtime import records
 from qlc.runtime.build import (
     BASE_LABEL,
@@ -174,9 +175,7 @@ def test_build_failure_names_the_base_image() -> None:
 
 
 def test_missing_spec_is_a_user_error(tmp_path: Path, fake_engine: FakeEngine) -> None:
-    from qlc.runtime.build import SpecInputError
-
-    with pytest.raises(SpecInputError, match="cannot read the spec"):
+    with pytest.raises(SpecError, match="cannot read the spec"):
         build(tmp_path / "nope.toml", None, project_dir=tmp_path, engine=fake_engine)
 
 
