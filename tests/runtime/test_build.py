@@ -216,6 +216,12 @@ def test_real_rebuild_after_changing_a_training_value(
     changed = build(spec, tiny_image.base_image, project_dir=project, console=QUIET)
     assert changed.tag == tag and not changed.cache_hit
     assert changed.tag != tiny_image.tag and changed.image_id != tiny_image.image_id
+    # Only the compiled files' layer is new: the locked stack is the session image's, reused
+    # from the build cache (one install of the stack per session, whatever the tests build).
+    layers = {
+        ref: engine._api.inspect_image(ref)["RootFS"]["Layers"] for ref in (tag, tiny_image.tag)
+    }
+    assert len(set(layers[tag]) - set(layers[tiny_image.tag])) == 1, layers
 
 
 @pytest.mark.docker
