@@ -11,6 +11,7 @@ differs only after that step, so the daemon's build cache reuses it: one stack p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -28,7 +29,7 @@ BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
 def docker_api() -> Any:
     from qlc.runtime.docker_engine import docker_sdk
 
-    return docker_sdk().APIClient(version="auto")
+    return docker_sdk().APIClient(version="auto", timeout=900)  # removing the stack takes minutes
 
 
 def session_tag(base: str) -> str:
@@ -52,24 +53,23 @@ def remove_session_images(api: Any, tag: str, present_at_start: set[str]) -> lis
     keeps every parent another image still needs (the base, a cache layer someone else uses)."""
     import docker.errors
 
-    built = [image["Id"] for image in api.images(filters={"label": f"{BASE_LABEL}={tag}"})]
-    chain = {parent for image in built for parent in ancestors(api, image)}
-    chain -= set(ancestors(api, tag)) | {api.inspect_image(tag)["Id"]}
-    removed = []
-    for image in built:
-        try:
-            api.remove_image(image, force=True)  # its other names too (a pushed tag)
-            removed.append(image)
-        except docker.errors.NotFound:
-            continue
-    for image in api.images(filters={"dangling": True}):
-        if image["Id"] not in present_at_start and chain & set(ancestors(api, image["Id"])):
-            try:
-                api.remove_image(image["Id"])  # not forced: one in use stays
-                removed.append(image["Id"])
-            except (docker.errors.NotFound, docker.errors.APIError):
+    removed: list[str] = []
+    try:
+        built = [image["Id"] for image in api.images(filters={"label": f"{BASE_LABEL}={tag}"})]
+        chain = {parent for image in built for parent in ancestors(api, image)}
+        chain -= set(ancestors(api, tag)) | {api.inspect_image(tag)["Id"]}
+        for image in built:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_image(image, force=True)  # its other names too (a pushed tag)
+                removed.append(image)
+        for image in api.images(filters={"dangling": True}):
+            if image["Id"] in present_at_start or not chain & set(ancestors(api, image["Id"])):
                 continue
-    api.remove_image(tag, noprune=True)  # the name only: the base image stays
+            with contextlib.suppress(docker.errors.APIError):  # one in use stays
+                api.remove_image(image["Id"])
+                removed.append(image["Id"])
+    finally:
+        api.remove_image(tag, noprune=True)  # the name only: the base image stays
     return removed
 
 
