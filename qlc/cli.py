@@ -13,11 +13,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from qlc import __version__
 from qlc.compiler.explain import Setting, derived, explain, memory_json, memory_lines
@@ -38,7 +39,34 @@ if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fas
     from qlc.compiler.context import BuildContext
     from qlc.compiler.shapes import ModelShape
 
+
+@contextlib.contextmanager
+def clipped_usage_errors() -> Iterator[None]:
+    """A usage error (an unknown command or option, a bad value) repeats what was typed:
+    clip it like every other message, then let typer show it as usual."""
+    try:
+        yield
+    except typer.TyperException as error:
+        message = getattr(error, "message", None)
+        if isinstance(message, str):
+            error.message = clip_words(message)
+        raise
+
+
+class ClippingGroup(TyperGroup):
+    """qlc's command group: typer's, with usage errors clipped (clipped_usage_errors)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with clipped_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with clipped_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=ClippingGroup,
     name="qlc",
     help="qlc: a declarative QLoRA fine-tuning compiler and containerized runner.",
     no_args_is_help=True,

@@ -143,3 +143,17 @@ def test_a_huge_argument_or_option_is_clipped(
     tiny_project(project)
     with scratch_cwd(project):
         assert_clipped(*invoke(argv_with(command, parameter, OPTION_VALUE)))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[OPTION_VALUE], ["validate", f"--{OPTION_VALUE}"], ["explain", "tiny.toml", OPTION_VALUE]],
+    ids=["unknown command", "unknown option", "extra argument"],
+)
+def test_a_usage_error_is_clipped(argv: list[str], tmp_path: Path, tally) -> None:
+    """typer's own messages repeat the unknown command or option; qlc's group clips them."""
+    tally()
+    with scratch_cwd(tmp_path):
+        code, stdout, stderr = invoke(argv)
+    assert code == 2
+    assert_clipped(code, stdout, stderr)
