@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,10 +22,8 @@ from qlc import __version__
 from qlc.compiler.explain import Setting, derived, explain, memory_json, memory_lines
 from qlc.compiler.load import Diagnostic, SpecError, load_spec_file, read_spec_and_lock
 from qlc.compiler.spec import Spec
-from qlc.contract import CONTEXT_MARKER
 from qlc.userio import (
     UnreadableFile,
-    clip,
     clip_words,
     is_dir,
     is_file,
@@ -99,98 +95,6 @@ def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
 
     source, lock = read_spec_and_lock(spec_path)
     return compile_spec(source, str(spec_path), lock, require_lock=require_lock)
-
-
-def write_context(context: BuildContext, directory: Path) -> None:
-    """Write a context atomically: a sibling temporary directory renamed into place.
-
-    An existing directory is replaced only when it is empty, or a context qlc wrote (it holds
-    the marker) with nothing in it that qlc would not write; anything else is refused and
-    nothing in it is touched."""
-    try:
-        target = directory.resolve()
-        if os.path.lexists(target):
-            check_replaceable(target, directory, context)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=target.parent))
-    except OSError as error:
-        raise UserError(f"error: {output_problem(directory, error)}") from None
-    try:
-        for name, data in context.files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / name).write_bytes(data)
-        (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
-        replace_dir(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"error: {output_problem(directory, error)}") from None
-
-
-def check_replaceable(target: Path, given: Path, context: BuildContext) -> None:
-    """Refuse a directory qlc may not replace: a file, a folder without the context marker,
-    or a context folder holding anything qlc did not write there."""
-    where = f"-o {clip(str(given), 200)}"
-    if not target.is_dir():
-        raise UserError(f"error: {where}: is a file, not a directory: give -o a new directory")
-    present = tree_entries(target)
-    if not present:
-        return
-    if present.get(CONTEXT_MARKER) != "file":
-        raise UserError(
-            f"error: {where}: not empty, and not a build context qlc wrote (no {CONTEXT_MARKER} "
-            "in it): qlc replaces only its own contexts; give -o a new or empty directory"
-        )
-    names = [*context.files, CONTEXT_MARKER]
-    ours = {name: "file" for name in names} | {
-        parent.as_posix(): "dir" for name in names for parent in Path(name).parents[:-1]
-    }
-    foreign = sorted(name for name, kind in present.items() if ours.get(name) != kind)
-    if foreign:
-        shown = ", ".join(clip(name) for name in foreign[:3])
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        raise UserError(
-            f"error: {where}: holds files qlc did not write ({shown}{more}): move them "
-            "away, or give -o another directory"
-        )
-
-
-def tree_entries(root: Path) -> dict[str, str]:
-    """{relative path: "file" | "dir" | "other"} of everything under root; links not followed."""
-    found: dict[str, str] = {}
-    pending = [root]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                name = Path(entry.path).relative_to(root).as_posix()
-                if entry.is_dir(follow_symlinks=False):
-                    found[name] = "dir"
-                    pending.append(Path(entry.path))
-                else:
-                    found[name] = "file" if entry.is_file(follow_symlinks=False) else "other"
-    return found
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Put staging where target is; the old target (already checked to hold only qlc's
-    files) is moved aside first and removed file by file, never as a whole tree."""
-    if not os.path.lexists(target):
-        os.replace(staging, target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=".qlc-old-", dir=target.parent))
-    os.replace(target, aside)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        os.replace(aside, target)
-        raise
-    for name, kind in sorted(tree_entries(aside).items(), reverse=True):
-        with contextlib.suppress(OSError):  # something new in it stays, in the aside folder
-            if kind == "dir":
-                (aside / name).rmdir()
-            else:
-                (aside / name).unlink()
-    with contextlib.suppress(OSError):
-        aside.rmdir()
 
 
 @app.command()
@@ -307,8 +211,13 @@ def compile_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the context.")],
 ) -> None:
     """Compile a spec into a Docker build context (needs its committed lock; no network)."""
+    from qlc.runtime.write_context import OutputRefused, write_context
+
     context = compile_path(spec)
-    write_context(context, output)
+    try:
+        write_context(context, output)
+    except OutputRefused as error:
+        raise UserError(f"error: {error}") from None
     print_warnings(context.warnings)
     out.print(f"{output}: {len(context.files)} files, {context.content_hash}", markup=False)
 
