@@ -2,8 +2,9 @@
 # Make sure a Docker daemon answers and the offline base image exists. Idempotent: each step
 # runs only when needed, so CI and the test fixture can call it every time.
 #
-#   .ci/docker.sh            install docker.io + debootstrap if missing, start dockerd,
-#                            build qlc-base:bookworm if absent
+#   .ci/docker.sh            install docker.io, debootstrap and docker-registry (the local
+#                            registry the push tests use) if missing, start dockerd, build
+#                            qlc-base:bookworm if absent
 #   QLC_DOCKER_TIMEOUT=60    seconds to wait for the daemon (default 60)
 #   QLC_BASE_IMAGE=TAG       base image tag to make (default qlc-base:bookworm)
 set -euo pipefail
@@ -26,6 +27,7 @@ install_packages() {
     local missing=()
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
     [ ${#missing[@]} -eq 0 ] && return 0
     say "installing ${missing[*]}"
     as_root apt-get update -qq

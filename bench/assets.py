@@ -2,6 +2,8 @@
 
     python bench/assets.py --out DIR [--shape 7b|tiny] [--data PARQUET]
 
+(--data defaults to the repository's data/guanaco-llama2-1k/train.parquet.)
+
 writes DIR/config.json, DIR/model*.safetensors (float16) and the tokenizer files, once: an
 existing DIR with a config.json is kept. The "7b" shape is Llama-2-7b-chat's (32 layers,
 hidden 4096, MLP 11008, 32 heads, vocab 32000); "tiny" is a CPU-size model of the same
@@ -21,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+GUANACO = Path(__file__).resolve().parents[1] / "data" / "guanaco-llama2-1k" / "train.parquet"
 SHAPES = {
     "7b": {
         "hidden_size": 4096,
@@ -105,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
-    parser.add_argument("--data", type=Path, default=Path("bench/.work/data/train.parquet"))
+    parser.add_argument("--data", type=Path, default=GUANACO)
     args = parser.parse_args()
     if (args.out / "config.json").is_file():
         print(json.dumps({"assets": str(args.out), "built": False}))

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GUANACO = ROOT / "data" / "guanaco-llama2-1k" / "train.parquet"  # the default --data
 GIB = 2**30
 VERSIONS = (
     "import importlib.metadata as m, json, torch\n"
@@ -254,9 +255,7 @@ def main() -> None:
     )
     parser.add_argument("--shape", default="7b")
     parser.add_argument("--contexts", type=Path, default=ROOT / "bench" / ".work")
-    parser.add_argument(
-        "--data", type=Path, default=ROOT / "bench" / ".work" / "data" / "train.parquet"
-    )
+    parser.add_argument("--data", type=Path, default=GUANACO)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--timeout", type=int, default=560, help="seconds per pipeline at most")
     parser.add_argument("--deadline", type=int, default=None, help="seconds for the whole run")

@@ -15,6 +15,15 @@ from pydantic import BaseModel, ValidationError
 
 from qlc.compiler.locate import KeyPath, key_positions, locate
 from qlc.compiler.spec import ENV_NAME, HUB_ID, JOB_NAME, REVISION, RuleError, Spec
+from qlc.userio import (
+    CLIP_CHARS,
+    FileTooLarge,
+    UnreadableFile,
+    clip,
+    clip_words,
+    read_optional_user_file,
+    read_user_file,
+)
 
 MAX_SPEC_BYTES = 1 << 20
 TOML_TYPES = {
@@ -72,8 +81,11 @@ class Diagnostic:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        """One line; a key or value the user wrote is clipped, however long it was."""
+        where = f"{clip_words(self.file, 300)}:{self.line}:{self.column}"
+        key = ".".join(clip(part, CLIP_CHARS) for part in self.key.split("."))
+        message = clip_words(self.message)
+        return f"{where}: {key}: {message}" if self.key else f"{where}: {message}"
 
 
 class SpecError(Exception):
@@ -91,13 +103,33 @@ class LoadedSpec(NamedTuple):
 
 def load_spec_file(path: str | Path) -> LoadedSpec:
     """Read and load a spec file; unreadable files are spec errors too."""
-    name = str(path)
+    return load_spec(read_spec_file(Path(path)), str(path))
+
+
+def read_spec_and_lock(path: Path) -> tuple[bytes, bytes | None]:
+    """A spec's bytes and those of its lock beside it (None when there is none); a SpecError
+    naming the file when either cannot be read (not a regular file, too large, no access)."""
+    from qlc.compiler.context import lock_name  # context builds on this module
+    from qlc.compiler.lockfile import MAX_LOCK_BYTES
+
+    source = read_spec_file(path)
+    lock_path = Path(lock_name(str(path)))
     try:
-        source = Path(path).read_bytes()
-    except OSError as err:
-        problem = Diagnostic(name, 1, 1, "", f"cannot read the spec: {err.strerror}")
+        return source, read_optional_user_file(lock_path, MAX_LOCK_BYTES)
+    except UnreadableFile as err:
+        problem = Diagnostic(str(lock_path), 1, 1, "", f"cannot read the lock: {err.reason}")
         raise SpecError([problem]) from None
-    return load_spec(source, name)
+
+
+def read_spec_file(path: Path) -> bytes:
+    """A spec's bytes (a regular file of at most MAX_SPEC_BYTES), or a SpecError saying why not."""
+    try:
+        return read_user_file(path, MAX_SPEC_BYTES)
+    except FileTooLarge as err:
+        raise SpecError([_too_large(str(path), err.size, err.exact)]) from None
+    except UnreadableFile as err:
+        problem = Diagnostic(str(path), 1, 1, "", f"cannot read the spec: {err.reason}")
+        raise SpecError([problem]) from None
 
 
 def load_spec(source: bytes, filename: str) -> LoadedSpec:
@@ -116,10 +148,7 @@ def load_spec(source: bytes, filename: str) -> LoadedSpec:
 
 def _decode(source: bytes, filename: str) -> str:
     if len(source) > MAX_SPEC_BYTES:
-        size = f"{len(source) / 1e6:.1f} MB"
-        raise SpecError(
-            [Diagnostic(filename, 1, 1, "", f"spec is {size}; specs are at most 1 MiB")]
-        )
+        raise SpecError([_too_large(filename, len(source), exact=True)])
     try:
         text = source.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -133,6 +162,11 @@ def _decode(source: bytes, filename: str) -> str:
         column = index - (text.rfind("\n", 0, index) + 1) + 1
         raise SpecError([Diagnostic(filename, line, column, "", "NUL byte: a spec is a text file")])
     return text.removeprefix("\ufeff")
+
+
+def _too_large(filename: str, size: int, exact: bool) -> Diagnostic:
+    shown = f"{'' if exact else 'over '}{size / 1e6:.1f} MB"
+    return Diagnostic(filename, 1, 1, "", f"spec is {shown}; specs are at most 1 MiB")
 
 
 def _parse(text: str, filename: str) -> dict[str, Any]:
@@ -177,7 +211,7 @@ def _shown(value: Any) -> str:
         if isinstance(value, str | bool)
         else (str(value))
     )
-    text = text if len(text) <= 60 else text[:57] + "..."
+    text = clip(text)
     return f"{TOML_TYPES.get(type(value), type(value).__name__)} {text}"
 
 

@@ -28,6 +28,7 @@ INPUT_HEADER = "# qlc-lock-input: "
 FOR_HEADER = "# qlc-lock-resolved-for: "
 BODY_HEADER = "# qlc-lock-body: "
 LOCK_FORMAT = 1
+MAX_LOCK_BYTES = 8 << 20  # a lock of the CUDA stack is about 100 KB
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _VERSION = r"[A-Za-z0-9][A-Za-z0-9.+!_-]*"

@@ -15,6 +15,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from qlc.userio import clip
+
 GIB = 2**30
 MIB = 2**20
 MODELLED_TYPES = ("llama", "mistral", "qwen2")  # the decoders both engines train
@@ -178,6 +180,6 @@ def find_gpu(name: str) -> Gpu:
         if wanted in {" ".join(s.lower().replace("_", " ").split()) for s in spellings}:
             return Gpu(str(row["name"]), int(row["memory_mib"]) * MIB, str(row["source"]))
     raise UnknownGpu(
-        f"unknown GPU {name!r}: use one of {', '.join(known_gpus())} "
+        f"unknown GPU {clip(repr(name))}: use one of {', '.join(known_gpus())} "
         "(names are matched case-insensitively)"
     )

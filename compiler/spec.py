@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from qlc.contract import reserved_env
+from qlc.userio import clip
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
@@ -47,14 +48,18 @@ def _module_names(value: object) -> object:
     if value == "all-linear":
         return value
     if isinstance(value, str):
-        raise RuleError("", f'must be "all-linear" or a list of module names (got {value!r})')
+        raise RuleError(
+            "", f'must be "all-linear" or a list of module names (got {clip(repr(value))})'
+        )
     if not isinstance(value, list):
         raise RuleError("", 'must be "all-linear" or a list of module names')
     if not value:
         raise RuleError("", 'list at least one module, or use "all-linear"')
     for item in value:
         if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", item):
-            raise RuleError("", f"{item!r} is not a module name (letters, digits, '_', '.')")
+            raise RuleError(
+                "", f"{clip(repr(item))} is not a module name (letters, digits, '_', '.')"
+            )
     if len(set(value)) != len(value):
         raise RuleError("", "lists a module twice")
     return value

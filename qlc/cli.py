@@ -9,25 +9,34 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from qlc import __version__
 from qlc.compiler.explain import (
+    Setting,
     explain,
     memory_json,
     memory_lines,
     settings_json,
     settings_lines,
 )
-from qlc.compiler.load import SpecError, load_spec_file
+from qlc.compiler.load import Diagnostic, SpecError, load_spec_file, read_spec_and_lock
 from qlc.compiler.spec import Spec
+from qlc.userio import (
+    UnreadableFile,
+    clip_words,
+    is_dir,
+    is_file,
+    output_problem,
+    read_user_file,
+)
 
 if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fast
     from qlc.compiler.context import BuildContext
@@ -35,7 +44,34 @@ if TYPE_CHECKING:  # the compiler's render path loads lazily: validate stays fas
     from qlc.compiler.shapes import ModelShape
     from qlc.runtime.export import Export
 
+
+@contextlib.contextmanager
+def clipped_usage_errors() -> Iterator[None]:
+    """A usage error (an unknown command or option, a bad value) repeats what was typed:
+    clip it like every other message, then let typer show it as usual."""
+    try:
+        yield
+    except typer.TyperException as error:
+        message = getattr(error, "message", None)
+        if isinstance(message, str):
+            error.message = clip_words(message)
+        raise
+
+
+class ClippingGroup(TyperGroup):
+    """qlc's command group: typer's, with usage errors clipped (clipped_usage_errors)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with clipped_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with clipped_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=ClippingGroup,
     name="qlc",
     help="qlc: a declarative QLoRA fine-tuning compiler and containerized runner.",
     no_args_is_help=True,
@@ -45,6 +81,8 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+MAX_PROMPTS_BYTES = 16 << 20
+MAX_MODEL_CONFIG_BYTES = 4 << 20
 SpecArg = Annotated[Path, typer.Argument(help="A qlc TOML spec, e.g. specs/guanaco.toml.")]
 
 
@@ -61,57 +99,11 @@ def print_warnings(warnings: list[str]) -> None:
         err.print(f"warning: {warning}", markup=False)
 
 
-def read_spec_and_lock(spec_path: Path) -> tuple[bytes, bytes | None]:
-    from qlc.compiler.context import lock_name
-
-    try:
-        source = spec_path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{spec_path}:1:1: cannot read the spec: {error.strerror}") from None
-    lock_path = Path(lock_name(str(spec_path)))
-    return source, lock_path.read_bytes() if lock_path.is_file() else None
-
-
 def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
     from qlc.compiler.context import compile_spec
 
     source, lock = read_spec_and_lock(spec_path)
     return compile_spec(source, str(spec_path), lock, require_lock=require_lock)
-
-
-def write_context(context: BuildContext, directory: Path) -> None:
-    """Write a context atomically (a sibling temp dir renamed into place). An existing
-    directory is replaced only when it is a context qlc wrote (its marker, and nothing else)."""
-    import shutil
-
-    from qlc.contract import CONTEXT_MARKER
-
-    directory = directory.resolve()
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} is a file: give -o a new or empty directory")
-    if directory.exists() and any(directory.iterdir()):
-        present = {p.relative_to(directory).as_posix()
-                   for p in directory.rglob("*") if not p.is_dir()}  # fmt: skip
-        foreign = sorted(present - set(context.files) - {CONTEXT_MARKER})
-        if CONTEXT_MARKER not in present or foreign:
-            shown = ", ".join(foreign[:3] or sorted(present)[:3])
-            raise UserError(
-                f"{directory} holds files qlc did not write ({shown}): nothing was changed; "
-                "choose a new or empty directory"
-            )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".qlc-", dir=directory.parent))
-    for name, data in context.files.items():
-        (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        (staging / name).write_bytes(data)
-    (staging / CONTEXT_MARKER).write_text(context.content_hash + "\n")
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=".qlc-old-", dir=directory.parent))
-        os.replace(directory, old / "context")
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)
 
 
 @app.command()
@@ -140,12 +132,20 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     gpu: Annotated[
         str | None,
-        typer.Option("--gpu", help="Check the memory estimate against this GPU, e.g. H100, L4."),
+        typer.Option(
+            "--gpu",
+            help="Check the memory estimate against this GPU, e.g. H100, L4: exit 1 when the "
+            "job does not fit it.",
+        ),
     ] = None,
 ) -> None:
     """Show what will train (every resolved setting, the spec keys it came from, and every
     substitution), every spec value and whether the spec or a default set it, and the
-    predicted peak GPU memory of training (with --gpu: whether it fits that card)."""
+    predicted peak GPU memory of training (with --gpu: whether it fits that card).
+
+    Exit 0; with --gpu, 0 when the job fits the card and 1 when it does not (text and --json
+    alike; without an estimate, for a model qlc knows no shape of, 0 and the reason); 2 for a
+    bad spec or an unknown GPU."""
     from qlc.compiler.context import plan_spec
     from qlc.compiler.memory import check_fit, estimate
     from qlc.compiler.shapes import UnknownGpu, UnknownShape, find_gpu
@@ -158,9 +158,11 @@ def explain_command(
     except UnknownGpu as error:
         raise UserError(f"error: --gpu: {error}") from None
     rows = explain(loaded)
+    fits = True
     try:
         memory = estimate(plan, local_model_shape(spec, loaded), card)
         fit = check_fit(memory, card) if card is not None else None
+        fits = fit is None or fit.fits
         memory_out: dict[str, object] = memory_json(memory, fit)
         memory_text = memory_lines(memory, fit)
     except UnknownShape as error:
@@ -168,7 +170,19 @@ def explain_command(
     if as_json:
         shown: dict[str, object] = {r.key: {"value": r.value, "source": r.source} for r in rows}
         out.print_json(json.dumps({**settings_json(plan), "spec": shown, "memory": memory_out}))
-        return
+    else:
+        print_explanation(spec, plan, rows, warnings, memory_text)
+    if not fits:
+        raise typer.Exit(1)
+
+
+def print_explanation(
+    spec: Path,
+    plan: Plan,
+    rows: list[Setting],
+    warnings: list[Diagnostic],
+    memory_text: list[str],
+) -> None:
     print_warnings([str(w) for w in warnings])
     out.print("\n".join(settings_lines(plan)) + "\n", markup=False)
     if out.is_terminal:
@@ -194,11 +208,13 @@ def local_model_shape(spec_path: Path, spec: Spec) -> ModelShape | None:
     config = (
         directory if directory.is_absolute() else spec_path.parent / directory
     ) / "config.json"
-    try:
-        document = json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(config):
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    try:
+        document = json.loads(read_user_file(config, MAX_MODEL_CONFIG_BYTES))
+    except UnreadableFile as error:
+        raise UnknownShape(f"{config}: cannot read the model config ({error.reason})") from None
+    except (UnicodeDecodeError, ValueError) as error:
         raise UnknownShape(f"{config}: cannot read the model config ({error})") from None
     if not isinstance(document, dict):
         raise UnknownShape(f"{config}: not a JSON object")
@@ -217,8 +233,13 @@ def compile_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the context.")],
 ) -> None:
     """Compile a spec into a Docker build context (needs its committed lock; no network)."""
+    from qlc.runtime.write_context import OutputRefused, write_context
+
     context = compile_path(spec)
-    write_context(context, output)
+    try:
+        write_context(context, output)
+    except OutputRefused as error:
+        raise UserError(f"error: {error}") from None
     print_warnings(context.warnings)
     out.print(f"{output}: {len(context.files)} files, {context.content_hash}", markup=False)
 
@@ -257,9 +278,12 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     found = list(prompts)
     if prompts_file is not None:
         try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{prompts_file}: cannot read the prompts: {error}") from None
+            lines = read_user_file(prompts_file, MAX_PROMPTS_BYTES).decode("utf-8").splitlines()
+        except UnreadableFile as error:
+            raise UserError(f"{prompts_file}: cannot read the prompts: {error.reason}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"{prompts_file}: cannot read the prompts: not UTF-8 text "
+                            f"(byte {error.start})") from None  # fmt: skip
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -409,7 +433,7 @@ def run_command(
     from qlc.runtime.launch import LaunchError, parse_env_options
     from qlc.runtime.run import RunFailed, run
 
-    if resume is not None and not resume.is_dir():
+    if resume is not None and not is_dir(resume):
         raise UserError(f"--resume {resume}: no such run directory")
     try:
         extra = parse_env_options(env or [])
@@ -463,7 +487,7 @@ def build_to_push(target: str | None) -> tuple[str, str | None]:
     if target is None:
         record = records.last_build(project)
         return record.tag, record.job
-    if target.endswith(".toml") or Path(target).is_file():
+    if target.endswith(".toml") or is_file(Path(target)):
         spec, _ = load_spec_file(Path(target))
         found = records.job_build(project, spec.job.name)
         if found is None:
@@ -604,6 +628,7 @@ def export_command(
     from qlc.runtime.export import ExportError, export, write_export
 
     plan = compile_path(spec).plan
+    default_dir = Path("export") / plan.job.name / target
     image = image or pushed_image(spec, plan)
     try:
         result = export(
@@ -615,11 +640,11 @@ def export_command(
         )  # fmt: skip
         if check:
             check_export(spec, plan, result, image)
-        paths = write_export(
-            result.files, output or Path("export") / plan.job.name / target, overwrite=force
-        )
+        paths = write_export(result.files, output or default_dir, overwrite=force)
     except ExportError as error:
         raise UserError(str(error)) from None
+    except OSError as error:
+        raise UserError(f"error: {output_problem(output or default_dir, error)}") from None
     for path in paths:
         out.print(f"{path}: {target} job for {image}", markup=False)
     out.print(f"run id: {result.run_id}", markup=False)
@@ -650,6 +675,7 @@ def check_export(spec: Path, plan: Plan, result: Export, image: str) -> None:
     """`qlc export --check`: the checks that need no training, then the smoke run; print each
     finding; RunFailure (nothing written) when one fails."""
     import shutil
+    import tempfile
 
     from qlc.runtime.docker_engine import DockerEngine
     from qlc.runtime.export_check import preflight, prepare_stand_in, smoke
@@ -677,7 +703,7 @@ def check_export(spec: Path, plan: Plan, result: Export, image: str) -> None:
 @contextlib.contextmanager
 def runtime_errors() -> Iterator[None]:
     """Map the runtime's errors: the user's to UserError (exit 2), the run's to RunFailure."""
-    from qlc.runtime.build import BuildFailure, SpecInputError
+    from qlc.runtime.build import BuildFailure
     from qlc.runtime.docker_engine import EngineError
     from qlc.runtime.launch import LaunchError
     from qlc.runtime.records import RecordError
@@ -686,7 +712,7 @@ def runtime_errors() -> Iterator[None]:
 
     try:
         yield
-    except (SpecInputError, RunInputError, RecordError, ReproduceError, LaunchError) as error:
+    except (RunInputError, RecordError, ReproduceError, LaunchError) as error:
         raise UserError(str(error)) from None
     except (EngineError, BuildFailure) as error:
         raise RunFailure(str(error)) from None
@@ -702,13 +728,14 @@ def main() -> None:
     """Entry point: map errors to exit codes; never show a traceback for a user error.
 
     Typer's standalone mode handles --help, usage errors (exit 2) and Ctrl-C; qlc's own
-    errors propagate out of it and are printed here.
+    errors propagate out of it and are printed here, a value the user gave clipped to a
+    readable length.
     """
     try:
         app()
     except (SpecError, UserError) as error:
-        err.print(str(error), markup=False)
+        err.print(clip_words(str(error)), markup=False)
         sys.exit(2)
     except RunFailure as error:
-        err.print(f"error: {error}", markup=False)
+        err.print(clip_words(f"error: {error}"), markup=False)
         sys.exit(1)

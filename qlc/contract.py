@@ -9,10 +9,12 @@ manifest's versioned schema (checked when written and when read), hashing and at
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -230,9 +232,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_nofollow(path: Path) -> bytes:
-    """Bytes of a file a run wrote; a link in its place is refused (ELOOP), never followed."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Bytes of a file a run wrote; a link in its place is refused (ELOOP), never followed,
+    and so is anything but a regular file (a FIFO would block the reader for ever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         return handle.read()
 
 

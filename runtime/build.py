@@ -55,10 +55,6 @@ class BuildFailure(Exception):
     """The image could not be built: the message names the cause and the fix."""
 
 
-class SpecInputError(Exception):
-    """The spec file itself cannot be read (a user error)."""
-
-
 @dataclass(frozen=True)
 class Compiled:
     context: BuildContext
@@ -77,14 +73,10 @@ def spec_display_name(spec_path: Path, project_dir: Path) -> str:
 
 
 def compile_for_build(spec_path: Path, project_dir: Path, require_lock: bool = True) -> Compiled:
-    from qlc.compiler.context import compile_spec, lock_name
+    from qlc.compiler.context import compile_spec
+    from qlc.compiler.load import read_spec_and_lock
 
-    try:
-        source = spec_path.read_bytes()
-    except OSError as error:
-        raise SpecInputError(f"{spec_path}:1:1: cannot read the spec: {error.strerror}") from None
-    lock_path = Path(lock_name(str(spec_path)))
-    lock = lock_path.read_bytes() if lock_path.is_file() else None
+    source, lock = read_spec_and_lock(spec_path)
     name = spec_display_name(spec_path, project_dir)
     context = compile_spec(source, name, lock, require_lock=require_lock)
     return Compiled(context=context, spec_path=spec_path.resolve(), spec_name=name)

@@ -24,9 +24,11 @@ from qlc.compiler.plan import Plan
 from qlc.contract import ADAPTER_FILES, sha256_file
 from qlc.contract import MANIFEST_FILE as MANIFEST
 from qlc.contract import PLAN_FILE as PLAN
+from qlc.userio import UnreadableFile, is_dir, is_file, read_user_file
 
 DOC_FILES = ("README.md", "loss.svg")  # may be written after the manifest hashed the adapter
 STATE_CONTEXTS = Path(".qlc") / "contexts"
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class RunInputError(Exception):
@@ -57,9 +59,12 @@ def hash_dir(root: Path) -> dict[str, str]:
 
 def read_manifest(run: Path) -> tuple[Path, dict[str, Any], str]:
     path = run if run.suffix == ".json" else run / MANIFEST
-    if not path.is_file():
+    if not is_file(path):
         raise RunInputError(f"{path}: no manifest; pass a run directory or its manifest.json")
-    data = path.read_bytes()
+    try:
+        data = read_user_file(path, MAX_MANIFEST_BYTES)
+    except UnreadableFile as error:
+        raise RunInputError(f"{path}: cannot read the manifest: {error.reason}") from None
     try:
         manifest = json.loads(data)
         predicate = manifest["predicate"]
@@ -109,15 +114,13 @@ def recorded_spec(manifest: dict[str, Any]) -> Path | None:
 
 def compiled_plan(spec_path: Path, spec_name: str) -> bytes | None:
     """plan.json as `qlc compile` makes it from the spec (and its lock) as they are now."""
-    from qlc.compiler.context import compile_spec, lock_name
-    from qlc.compiler.load import SpecError
+    from qlc.compiler.context import compile_spec
+    from qlc.compiler.load import SpecError, read_spec_and_lock
 
-    lock = Path(lock_name(str(spec_path)))
     try:
-        context = compile_spec(
-            spec_path.read_bytes(), spec_name, lock.read_bytes() if lock.is_file() else None
-        )
-    except (SpecError, OSError):
+        source, lock = read_spec_and_lock(spec_path)
+        context = compile_spec(source, spec_name, lock)
+    except SpecError:
         return None
     plan: bytes | None = context.files.get(PLAN)
     return plan
@@ -155,7 +158,7 @@ def _plan(data: bytes, smoke: bool, where: Path) -> Plan:
 
 
 def check_model_files(path: Path, recorded: dict[str, str]) -> None:
-    if not path.is_dir():
+    if not is_dir(path):
         raise RunInputError(f"base model directory {path} is missing: pass --model PATH")
     found = hash_dir(path)
     for name in sorted(set(recorded) | set(found)):

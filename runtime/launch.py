@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qlc import contract
 from qlc.compiler.plan import Plan
+from qlc.userio import is_dir, is_file
 
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
 CONTAINER_MODEL_DIR = f"{contract.CONTAINER_INPUTS_DIR}/model"
@@ -62,7 +63,7 @@ def local_inputs(plan: Plan, spec_dir: Path, where: str) -> LocalInputs:
 
 def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path:
     path = (base / value).resolve()
-    if not (path.is_dir() if want_dir else path.is_file()):
+    if not (is_dir(path) if want_dir else is_file(path)):
         kind = "directory" if want_dir else "file"
         raise LaunchError(f"{where}: {key} = {value!r}: no such {kind} ({path})")
     return path

@@ -24,9 +24,10 @@ from typing import Protocol
 
 from qlc.compiler import lockfile
 from qlc.compiler.context import plan_spec
-from qlc.compiler.load import Diagnostic, SpecError
+from qlc.compiler.load import Diagnostic, SpecError, read_spec_file
 from qlc.compiler.lockfile import INDEX_URL, PLATFORM, LockError, parse_lock
 from qlc.compiler.plan import BaseImage, Plan
+from qlc.userio import UnreadableFile, os_reason, read_optional_user_file
 
 
 class LockFailure(RuntimeError):
@@ -89,14 +90,7 @@ def lock_path_for(spec_path: Path) -> Path:
 
 def plan_for(spec_path: Path) -> Plan:
     """Load and resolve a spec; SpecError (with FILE:LINE:COL) for anything the user must fix."""
-    name = str(spec_path)
-    try:
-        source = spec_path.read_bytes()
-    except OSError as err:
-        raise SpecError(
-            [Diagnostic(name, 1, 1, "", f"cannot read the spec: {err.strerror}")]
-        ) from None
-    return plan_spec(source, name)[0]
+    return plan_spec(read_spec_file(spec_path), str(spec_path))[0]
 
 
 def lock_text(plan: Plan, resolver: Resolver) -> str:
@@ -128,10 +122,37 @@ def write_atomically(path: Path, data: bytes) -> None:
 def lock_spec(spec_path: Path, resolver: Resolver | None = None) -> Path:
     """Resolve the spec's stack and write `<spec stem>.lock` beside it; return its path."""
     plan = plan_for(spec_path)
-    text = lock_text(plan, resolver or UvResolver())
     target = lock_path_for(spec_path)
-    write_atomically(target, text.encode("utf-8"))
+    check_lock_target(target)  # before the resolver's minutes
+    text = lock_text(plan, resolver or UvResolver())
+    try:
+        write_atomically(target, text.encode("utf-8"))
+    except OSError as err:
+        raise SpecError([Diagnostic(str(target), 1, 1, "", f"cannot write the lock there: "
+                                    f"{os_reason(err)}")]) from None  # fmt: skip
     return target
+
+
+def check_lock_target(target: Path) -> None:
+    """qlc lock replaces a lock qlc wrote, never another file, and only where it can write:
+    a SpecError naming the file otherwise (checked before the resolver's minutes)."""
+    try:
+        existing = read_optional_user_file(target, lockfile.MAX_LOCK_BYTES)
+    except UnreadableFile as err:
+        problem = f"{err.reason}; qlc lock writes the lock here: move it away"
+        raise SpecError([Diagnostic(str(target), 1, 1, "", problem)]) from None
+    if existing is not None and not existing.startswith(lockfile.INPUT_HEADER.encode()):
+        problem = (
+            f"not a lock qlc wrote (it does not start with {lockfile.INPUT_HEADER.strip()!r}); "
+            "qlc lock replaces only its own locks: move it away"
+        )
+        raise SpecError([Diagnostic(str(target), 1, 1, "", problem)])
+    try:
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as err:
+        problem = f"cannot write the lock there: {os_reason(err)}"
+        raise SpecError([Diagnostic(str(target), 1, 1, "", problem)]) from None
 
 
 # --- base image digests from a Docker Registry v2 API ---------------------------------------

@@ -41,6 +41,7 @@ from qlc.runtime.generate import (
     render_prompt,
     with_adapter,
 )
+from qlc.userio import clip, output_problem
 
 RTOL = {"bf16": 2e-2, "fp16": 4e-3}  # a few units of each format's rounding (2^-8, 2^-11)
 ATOL = 1e-3
@@ -106,12 +107,19 @@ def max_abs_diff(a: list[Any], b: list[Any]) -> float:
 
 
 def prepare_output(output_dir: Path) -> Path:
-    """A new staging directory beside output_dir, once output_dir is free to take."""
-    output_dir = output_dir.resolve()
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise RunInputError(f"{output_dir} exists and is not empty: choose a new directory")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.qlc-merge-", dir=output_dir.parent))
+    """A new staging directory beside output_dir, once output_dir is free to take; a
+    RunInputError naming the path and the fix when it is not (taken, or not writable)."""
+    try:
+        target = output_dir.resolve()
+        if os.path.lexists(target) and (not target.is_dir() or any(target.iterdir())):
+            raise RunInputError(
+                f"error: -o {clip(str(output_dir), 200)}: exists and is not empty: "
+                "choose a new directory with -o"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.qlc-merge-", dir=target.parent))
+    except OSError as error:
+        raise RunInputError(f"error: {output_problem(output_dir, error)}") from None
 
 
 def merge_into(inputs: RunInputs, staging: Path, dtype: str) -> tuple[float, float, float, int]:
@@ -150,9 +158,9 @@ def merge(
 ) -> MergeRecord:
     """Merge the run's adapter into its base in `dtype`, verify, write output_dir atomically."""
     torch_dtype(dtype)
-    inputs = open_run(Path(run), base_model_path)
-    staging = prepare_output(Path(output_dir))
+    staging = prepare_output(Path(output_dir))  # before minutes of loading
     try:
+        inputs = open_run(Path(run), base_model_path)
         measured, reference_max, effect, prompts = merge_into(inputs, staging, dtype)
         bound = ATOL + RTOL[dtype] * reference_max
         if not measured <= bound:

@@ -54,6 +54,7 @@ from qlc.runtime.records import (
     state_dir,
 )
 from qlc.runtime.supervise import Outcome, supervise_container
+from qlc.userio import is_file
 
 
 class RunInputError(Exception):
@@ -490,8 +491,8 @@ def resolve_target(
             return last_build(project)
         except RecordError as error:
             raise RunInputError(str(error)) from None
-    if target.endswith(".toml") or Path(target).is_file():
-        if not Path(target).is_file():
+    if target.endswith(".toml") or is_file(Path(target)):
+        if not is_file(Path(target)):
             raise RunInputError(f"{target}: no such spec file")
         # a changed spec rebuilds (build says so); the record keeps the push of the same image
         return build(Path(target), base_image, project_dir=project, engine=engine, console=console)
@@ -522,6 +523,6 @@ def _local_spec(target: str | None, project: Path) -> Path:
             return Path(last_build(project).spec_path)
         except RecordError as error:
             raise RunInputError(str(error)) from None
-    if not Path(target).is_file():
+    if not is_file(Path(target)):
         raise RunInputError(f"{target}: --local runs a spec file (no such file)")
     return Path(target)

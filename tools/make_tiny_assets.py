@@ -4,8 +4,9 @@
     python tools/make_tiny_assets.py --check  # rebuilds in a temp dir, compares with the repo
 
 What it writes, deterministically (same bytes on every run with the pinned stack):
-- specs/tiny/data.jsonl: the 64 shortest rows of guanaco-llama2-1k (Apache-2.0), field `text`,
-  already in the Llama 2 chat form `<s>[INST] ... [/INST] ... </s>`.
+- specs/tiny/data.jsonl: the 64 shortest rows of guanaco-llama2-1k (Apache-2.0; the copy in
+  data/guanaco-llama2-1k/), field `text`, already in the Llama 2 chat form
+  `<s>[INST] ... [/INST] ... </s>`.
 - specs/tiny/model/: a random-weight LlamaForCausalLM (hidden 64, 2 layers, 4 heads,
   intermediate 128, init std 0.15, float32 safetensors) and a byte-level BPE tokenizer of
   1,024 entries trained on that data, which adds BOS `<s>` like Llama 2, ends with EOS `</s>`,
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GUANACO = ROOT.parent / "shared" / "data" / "guanaco-llama2-1k" / "train.parquet"
+GUANACO = ROOT / "data" / "guanaco-llama2-1k" / "train.parquet"
 ROWS = 64
 MAX_CHARS = 400
 VOCAB_SIZE = 1024

@@ -94,7 +94,7 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert (
         result.stderr
-        == f"{tmp_path / 'absent.toml'}:1:1: cannot read the spec: No such file or directory\n"
+        == f"{tmp_path / 'absent.toml'}:1:1: cannot read the spec: no such file or directory\n"
     )
 
 

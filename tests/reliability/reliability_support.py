@@ -1,4 +1,5 @@
-"""Shared helpers of the reliability suite: the case tally and small project builders.
+"""Shared helpers of the reliability suite: the case tally, small project builders and the
+CLI run in-process.
 
 Every test calls `count(node, n)` for the cases it tried (fuzz examples, payloads, faults);
 conftest.py adds the pass/fail outcome per pytest item and prints one table at the end.
@@ -6,13 +7,20 @@ conftest.py adds the pass/fail outcome per pytest item and prints one table at t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import os
 import shutil
+import signal
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qlc import cli
 from qlc.compiler.context import compile_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +35,9 @@ CATEGORIES = {
     "test_faults": "3 faults",
     "test_secrets": "4 secrets, isolation",
     "test_concurrency": "5 load",
+    "test_output_paths": "6 output paths",
+    "test_input_files": "7 input files",
+    "test_echoes": "8 echoed input",
 }
 
 CASES: Counter[str] = Counter()
@@ -93,3 +104,59 @@ def compile_dir(spec: Path, dest: Path) -> Path:
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI in-process.
+
+
+class Hung(Exception):
+    """A command that did not return in time (it blocked, on a FIFO for instance)."""
+
+
+@contextlib.contextmanager
+def scratch_cwd(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise Hung in this (main) thread after `seconds`: a blocked open() or read() of a FIFO
+    is interrupted by the signal, so a hang fails the test instead of stopping the suite."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise Hung(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def invoke(argv: list[str], seconds: float = 120) -> tuple[int, str, str]:
+    """Run `qlc ARGV` through the real entry point; return (exit code, stdout, stderr).
+    Hung when it takes longer than `seconds`."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = ["qlc", *argv]
+    code: int = 0
+    try:
+        with (
+            deadline(seconds),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            cli.main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return code, stdout.getvalue(), stderr.getvalue()

@@ -9,13 +9,11 @@ touch the repository; a handful of nasty argument lists also go through a real s
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import pytest
 import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_support import REPO, TINY_LOCK, tiny_project
+from reliability_support import REPO, TINY_LOCK, invoke, scratch_cwd, tiny_project
 
 from qlc import cli
 from qlc.compiler.context import compile_spec
@@ -48,32 +46,6 @@ def commands() -> dict[str, list[str]]:
 
 
 COMMANDS = commands()
-
-
-@contextlib.contextmanager
-def scratch_cwd(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def invoke(argv: list[str]) -> tuple[int, str, str]:
-    """Run `qlc ARGV` through the real entry point; return (exit code, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    old_argv = sys.argv
-    sys.argv = ["qlc", *argv]
-    code: int = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        sys.argv = old_argv
-    return code, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from reliability_support import REPO, hash_tree, tiny_project
+from reliability_support import hash_tree, tiny_project
 
 JOBS = 20
 AT_ONCE = 4
@@ -88,14 +88,15 @@ def test_twenty_jobs_back_to_back_keep_their_own_outputs(tmp_path: Path, tally) 
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_concurrent_builds_leave_consistent_records(tmp_path: Path, tally) -> None:
+def test_concurrent_builds_leave_consistent_records(
+    docker_ready: str, tiny_image: object, tmp_path: Path, tally
+) -> None:
+    """Five builds at once of two new images: the session's tiny image went first, so they
+    share its stack layer from the build cache instead of installing it five times."""
     from qlc.runtime.build import compile_for_build, context_matches
     from qlc.runtime.records import BuildRecord, load_build
 
-    ready = subprocess.run(["bash", str(REPO / ".ci" / "docker.sh")], capture_output=True,
-                           text=True, timeout=900)  # fmt: skip
-    assert ready.returncode == 0, ready.stderr
-    base = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
+    base = docker_ready
     project = tmp_path / "project"
     tiny_project(project)
     variant = job_spec(project, 0)  # another job name, seed and step count: another image

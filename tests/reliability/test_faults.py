@@ -309,19 +309,20 @@ def test_finished_adapter_survives_a_rerun_that_dies_writing_it(
 # With a real daemon: the container OOM-killed (a memory limit set on it from outside, as a host
 # or orchestrator would), and Ctrl-C during `qlc build`.
 
-BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
+
+@pytest.fixture(scope="module")
+def base_image(docker_ready: str, tiny_image: object) -> str:
+    """The session's base; the session's tiny image is built first, so the images built here
+    reuse its stack layer from the build cache (and go with the session's)."""
+    return docker_ready
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ready = subprocess.run(["bash", str(REPO / ".ci" / "docker.sh")], capture_output=True,
-                           text=True, timeout=900)  # fmt: skip
-    if ready.returncode != 0:
-        pytest.fail(f".ci/docker.sh failed: {ready.stdout}\n{ready.stderr}")
+def built(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = tmp_path_factory.mktemp("oom") / "project"
     tiny_project(project, {**EDITS, "name": '"tiny-faults"'}, drop=("eval_fraction", "eval_steps"))
     done = subprocess.run([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
-                           BASE_IMAGE], cwd=project, env=qlc_env(), capture_output=True,
+                           base_image], cwd=project, env=qlc_env(), capture_output=True,
                           text=True, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     return project
@@ -361,14 +362,16 @@ def test_oom_killed_container_is_reported_and_recorded(built: Path, tally) -> No
 
 
 @pytest.mark.docker
-def test_ctrl_c_during_build_leaves_no_half_written_record(built: Path, tally) -> None:
+def test_ctrl_c_during_build_leaves_no_half_written_record(
+    built: Path, base_image: str, tally
+) -> None:
     from qlc.runtime.records import last_build
 
     tally()
     spec = built / "tiny.toml"
     spec.write_text(spec.read_text().replace("seed = 42", "seed = 7"))  # a new image to build
     process = subprocess.Popen([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
-                                BASE_IMAGE], cwd=built, env=qlc_env(), text=True,
+                                base_image], cwd=built, env=qlc_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
@@ -380,13 +383,15 @@ def test_ctrl_c_during_build_leaves_no_half_written_record(built: Path, tally) -
 
 
 @pytest.mark.docker
-def test_container_killed_from_outside_keeps_checkpoints_and_says_so(built: Path, tally) -> None:
+def test_container_killed_from_outside_keeps_checkpoints_and_says_so(
+    built: Path, base_image: str, tally
+) -> None:
     """`docker kill` mid-run (what a node drain or a daemon going down does to the process)."""
     tally()
     spec = built / "tiny.toml"
     spec.write_text(spec.read_text().replace("max_steps = 6", "max_steps = 40"))
     done = subprocess.run([sys.executable, "-m", "qlc", "build", "tiny.toml", "--base-image",
-                           BASE_IMAGE], cwd=built, env=qlc_env(), capture_output=True,
+                           base_image], cwd=built, env=qlc_env(), capture_output=True,
                           text=True, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     before_runs = set((built / "runs" / "tiny-faults").glob("*"))

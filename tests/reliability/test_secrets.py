@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_support import REPO, tiny_project
+from reliability_support import tiny_project
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
 JOB = "tiny-secret"
 CANARY = f"qlc-secret-canary-{secrets.token_hex(12)}"
 
@@ -35,16 +34,16 @@ def docker(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def secret_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    ready = subprocess.run(["bash", str(REPO / ".ci" / "docker.sh")], capture_output=True,
-                           text=True, timeout=900)  # fmt: skip
-    if ready.returncode != 0:
-        pytest.fail(f".ci/docker.sh failed: {ready.stdout}\n{ready.stderr}")
+def secret_run(
+    docker_ready: str, tiny_image: object, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Built FROM the session's base after the session's tiny image: the stack layer is
+    reused from the build cache, and the image is removed with the session's."""
     project = tmp_path_factory.mktemp("secret") / "project"
     tiny_project(project, {"name": f'"{JOB}"', "python": '"3.11"\nsecrets = ["HF_TOKEN"]'})
     env = {**os.environ, "HF_TOKEN": CANARY, "PYTHONUNBUFFERED": "1"}
     qlc = [sys.executable, "-m", "qlc"]
-    built = subprocess.run([*qlc, "build", "tiny.toml", "--base-image", BASE_IMAGE], cwd=project,
+    built = subprocess.run([*qlc, "build", "tiny.toml", "--base-image", docker_ready], cwd=project,
                            env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert built.returncode == 0, built.stdout + built.stderr
     run = subprocess.Popen([*qlc, "run", "--smoke"], cwd=project, env=env, text=True,

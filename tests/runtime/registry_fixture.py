@@ -10,7 +10,8 @@ Use it from any test module:
 
 The registry stores into a temporary folder and is stopped when the session ends. The Docker
 daemon treats 127.0.0.0/8 registries as insecure (plain HTTP) by default, so nothing needs
-configuring. Install it with `apt-get install -y docker-registry` (CI: .ci/run).
+configuring. It is installed where Docker is: .ci/docker.sh (which `docker_ready` runs)
+installs the docker-registry package when the command is missing.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def start_registry(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     """Start docker-registry on a free loopback port; return (address, process)."""
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     if not Path(binary).is_file():
-        pytest.fail("docker-registry is not installed: apt-get install -y docker-registry")
+        pytest.fail("docker-registry is missing after .ci/docker.sh: see its output above")
     port = free_loopback_port()
     (workdir / "storage").mkdir(parents=True, exist_ok=True)
     config = workdir / "config.yml"
@@ -95,8 +96,8 @@ def stop_registry(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def local_registry() -> Iterator[str]:
-    """HOST:PORT of a running local registry (session-wide)."""
+def local_registry(docker_ready: str) -> Iterator[str]:
+    """HOST:PORT of a running local registry (session-wide); docker_ready installs it."""
     with tempfile.TemporaryDirectory(prefix="qlc-registry-") as workdir:
         address, process = start_registry(Path(workdir))
         try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from suite_support import REPO, copy_tiny_project  # noqa: F401  (the runtime tests' import)
 
 from qlc import contract
 from qlc.compiler.plan import Plan
@@ -21,7 +22,6 @@ from qlc.runtime.docker_engine import (
 )
 from qlc.runtime.run import RunInputs, run_inputs
 
-REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("QLC_BASE_IMAGE", "qlc-base:bookworm")
 
 
@@ -133,18 +133,6 @@ class FakeEngine:
 
     def remove(self, container_id: str) -> None:
         self.calls.append("remove")
-
-
-def copy_tiny_project(target: Path) -> Path:
-    """The tiny spec, its lock and assets in a fresh project; returns the spec path."""
-    specs = target / "specs"
-    specs.mkdir(parents=True)
-    for name in ("tiny.toml", "tiny.lock"):
-        shutil.copy2(REPO / "specs" / name, specs / name)
-    shutil.copytree(REPO / "specs" / "tiny", specs / "tiny")
-    for path in [target, *target.rglob("*")]:  # the container user reads inputs as "other"
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return specs / "tiny.toml"
 
 
 def tiny_plan(spec: Path) -> Plan:

@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 from runtime_fakes import FakeEngine, copy_tiny_project
 
+from qlc.compiler.load import SpecError
 from qlc.runtime import records
 from qlc.runtime.build import (
     BASE_LABEL,
@@ -180,9 +181,7 @@ def test_build_failure_names_the_base_image() -> None:
 
 
 def test_missing_spec_is_a_user_error(tmp_path: Path, fake_engine: FakeEngine) -> None:
-    from qlc.runtime.build import SpecInputError
-
-    with pytest.raises(SpecInputError, match="cannot read the spec"):
+    with pytest.raises(SpecError, match="cannot read the spec"):
         build(tmp_path / "nope.toml", None, project_dir=tmp_path, engine=fake_engine)
 
 
@@ -223,6 +222,12 @@ def test_real_rebuild_after_changing_a_training_value(
     changed = build(spec, tiny_image.base_image, project_dir=project, console=QUIET)
     assert changed.tag == tag and not changed.cache_hit
     assert changed.tag != tiny_image.tag and changed.image_id != tiny_image.image_id
+    # Only the compiled files' layer is new: the locked stack is the session image's, reused
+    # from the build cache (one install of the stack per session, whatever the tests build).
+    layers = {
+        ref: engine._api.inspect_image(ref)["RootFS"]["Layers"] for ref in (tag, tiny_image.tag)
+    }
+    assert len(set(layers[tag]) - set(layers[tiny_image.tag])) == 1, layers
 
 
 @pytest.mark.docker

@@ -60,12 +60,47 @@ def test_lock_spec_writes_a_fresh_lock_beside_the_spec(spec_copy: Path) -> None:
     assert sorted(p.name for p in spec_copy.parent.iterdir()) == ["tiny.lock", "tiny.toml"]
 
 
+def test_lock_spec_replaces_a_lock_qlc_wrote(spec_copy: Path) -> None:
+    lock_spec(spec_copy, FakeResolver())
+    first = spec_copy.with_suffix(".lock").read_bytes()
+    lock_spec(spec_copy, FakeResolver(body="six==1.17.0 \\\n    --hash=sha256:" + HASH + "\n"))
+    assert spec_copy.with_suffix(".lock").read_bytes() != first
+
+
+@pytest.mark.parametrize("kind", ["a file of the person's", "a folder", "a FIFO"])
+def test_lock_spec_leaves_what_qlc_did_not_write_and_resolves_nothing(
+    spec_copy: Path, kind: str
+) -> None:
+    """Was: a person's own tiny.lock replaced (a folder: a traceback), after minutes of
+    resolving."""
+    import os
+
+    from qlc.compiler.load import SpecError
+
+    target = spec_copy.with_suffix(".lock")
+    if kind == "a folder":
+        target.mkdir()
+        (target / "inside.txt").write_text("mine\n")
+    elif kind == "a FIFO":
+        os.mkfifo(target)
+    else:
+        target.write_text("numpy==2.0\n")
+    resolver = FakeResolver()
+    with pytest.raises(SpecError, match=r"tiny\.lock:1:1: .*move it away"):
+        lock_spec(spec_copy, resolver)
+    assert resolver.calls == []
+    if kind == "a folder":
+        assert (target / "inside.txt").read_text() == "mine\n"
+    elif kind != "a FIFO":
+        assert target.read_text() == "numpy==2.0\n"
+
+
 def test_invalid_resolver_output_fails_and_keeps_the_old_lock(spec_copy: Path) -> None:
-    old = spec_copy.with_suffix(".lock")
-    old.write_text("previous\n")
+    old = lock_spec(spec_copy, FakeResolver())
+    previous = old.read_bytes()
     with pytest.raises(LockFailure, match=r"not a valid qlc lock.*no --hash"):
         lock_spec(spec_copy, FakeResolver(body="torch==2.13.0\n"))
-    assert old.read_text() == "previous\n"
+    assert old.read_bytes() == previous
     assert sorted(p.name for p in spec_copy.parent.iterdir()) == ["tiny.lock", "tiny.toml"]
 
 

@@ -126,14 +126,12 @@ def docker_api() -> Any:
     return docker_sdk().APIClient(version="auto")
 
 
-def build_tiny_image(api: Any, tag: str) -> str:
+def build_tiny_image(api: Any, base: str, tag: str) -> str:
     dockerfile = (
-        "FROM qlc-base:bookworm\n"
+        f"FROM {base}\n"
         f'LABEL qlc.test.push="{tag}"\n'
         'CMD ["/bin/sh", "-c", "echo qlc-pushed-image-ok"]\n'
     )
-    if not api.images(name="qlc-base:bookworm"):
-        pytest.fail("qlc-base:bookworm is missing: run .ci/docker.sh")
     for _ in api.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, decode=True):
         pass
     return str(api.inspect_image(tag)["Id"])
@@ -141,6 +139,7 @@ def build_tiny_image(api: Any, tag: str) -> str:
 
 @pytest.mark.docker
 def test_qlc_push_to_a_real_registry_then_pull_by_digest_and_run(
+    docker_ready: str,
     local_registry: str,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -151,7 +150,7 @@ def test_qlc_push_to_a_real_registry_then_pull_by_digest_and_run(
 
     api = docker_api()
     local_tag = f"qlc-push-test:{uuid.uuid4().hex[:12]}"
-    image_id = build_tiny_image(api, local_tag)
+    image_id = build_tiny_image(api, docker_ready, local_tag)
     records.save_build(tmp_path, build_record(local_tag, image_id))
     monkeypatch.chdir(tmp_path)
     repository = f"{local_registry}/qlc/push-test"

@@ -18,8 +18,7 @@ from qlc.compiler.context import compile_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = REPO / "specs"
-SHARED = REPO.parent / "shared"
-GUANACO = SHARED / "data" / "guanaco-llama2-1k" / "train.parquet"
+GUANACO = REPO / "data" / "guanaco-llama2-1k" / "train.parquet"
 TINY_MODEL = SPECS / "tiny" / "model"
 
 

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
-from conftest import REPO, SPECS, TINY_MODEL
+from conftest import GUANACO, REPO, SPECS, TINY_MODEL
+
+
+def test_the_guanaco_data_is_the_published_file() -> None:
+    """The tests, the tiny assets and the benchmark read the repository's copy: it must be
+    the published parquet its README names."""
+    readme = (GUANACO.parent / "README.md").read_text()
+    digest = hashlib.sha256(GUANACO.read_bytes()).hexdigest()
+    assert f"sha256: {digest}" in readme
 
 
 def test_committed_assets_are_reproducible() -> None:
