@@ -138,7 +138,10 @@ def test_merge_under_a_file_is_a_user_error_naming_the_file(project: Path) -> No
 def test_export_under_a_file_is_a_user_error(project: Path) -> None:
     (project / "plain-file").write_text("x\n")
     image = "registry.example/qlc/tiny@sha256:" + "0" * 64
-    done = qlc(project, "export", "tiny.toml", "--target", "kubernetes", "--image", image,
+    hub = (project / "tiny.toml").read_text().replace('path = "tiny/model"', 'id = "org/m"')
+    (project / "hub.toml").write_text(hub.replace('path = "tiny/data.jsonl"', 'id = "org/d"'))
+    shutil.copy(project / "tiny.lock", project / "hub.lock")
+    done = qlc(project, "export", "hub.toml", "--target", "kubernetes", "--image", image,
                "--volume", "runs", "-o", "plain-file/sub")  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "plain-file is a file, not a directory" in done.stderr

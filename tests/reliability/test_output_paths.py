@@ -19,8 +19,12 @@ from reliability_support import hash_tree, invoke, scratch_cwd, tiny_project
 
 IMAGE = "registry.example/qlc/tiny@sha256:" + "0" * 64
 EXPORTS = {  # target -> (the spec whose output_dir it can mount, its other arguments, its files)
-    "kubernetes": ("tiny.toml", ["--volume", "qlc-runs"], ["job.yaml"]),
-    "aws-batch": ("tiny.toml", ["--volume", "fs-0123456789abcdef0"], ["job-definition.json"]),
+    "kubernetes": ("hub.toml", ["--volume", "qlc-runs"], ["job.yaml"]),
+    "aws-batch": (
+        "hub.toml",
+        ["--volume", "fs-0123456789abcdef0", "--efs-access-point", "fsap-0123456789abcdef0"],
+        ["job-definition.json"],
+    ),  # fmt: skip
     "gcp-batch": ("gs.toml", ["--project", "qlc-test-project"], ["job.json"]),
     "skypilot": ("gs.toml", [], ["task.yaml"]),
 }
@@ -69,13 +73,17 @@ def test_the_table_names_every_command_that_takes_an_output_option(tally) -> Non
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """The tiny spec, and gs.toml: the same with its runs in a bucket (for the targets that
-    cannot mount a volume)."""
+    """The tiny spec; hub.toml: the same reading the hub (an exported job cannot read local
+    inputs); gs.toml: that with its runs in a bucket (for targets that cannot mount a volume)."""
     root = tmp_path / "project"
     spec = tiny_project(root)
-    text = spec.read_text().replace("seed = 42\n", 'seed = 42\noutput_dir = "gs://qlc-test/runs"\n')
+    hub = spec.read_text().replace('path = "tiny/model"', 'id = "org/tiny-model"')
+    hub = hub.replace('path = "tiny/data.jsonl"', 'id = "org/tiny-data"')
+    (root / "hub.toml").write_text(hub)
+    text = hub.replace("seed = 42\n", 'seed = 42\noutput_dir = "gs://qlc-test/runs"\n')
     (root / "gs.toml").write_text(text)
-    shutil.copy(root / "tiny.lock", root / "gs.lock")
+    for name in ("hub", "gs"):
+        shutil.copy(root / "tiny.lock", root / f"{name}.lock")
     return root
 
 
