@@ -159,7 +159,11 @@ class Run:
         signal.signal(signal.SIGINT, self.on_signal)
         import torch
 
-        argv = launch.launch_argv(self.plan, os.environ, torch.cuda.device_count(), script)
+        try:
+            argv = launch.launch_argv(self.plan, os.environ, torch.cuda.device_count(), script)
+        except UserError as error:  # GPUs or processes this host does not have
+            self.__exit__(UserError, error, None)  # printed, and recorded in the manifest
+            raise SystemExit(contract.EXIT_USER_ERROR) from None
         if argv is not None:
             flag = out / contract.USER_ERROR_FLAG
             flag.unlink(missing_ok=True)

@@ -260,3 +260,14 @@ def test_the_adapter_is_swapped_in_whole(tmp_path: Path) -> None:
     assert (old / "adapter_model.safetensors").read_bytes() == b"new"
     written = json.loads((old / "adapter_config.json").read_text())
     assert written["target_modules"] == ["k_proj", "q_proj", "v_proj"]  # the same bytes each run
+
+
+def test_missing_gpus_stop_the_run_with_a_failed_manifest(tmp_path: Path) -> None:
+    source = edited_spec("tiny.toml", {"gpus = 0\n": "gpus = 2\n", 'python = "3.11"\n': ""})
+    context = compile_to("tiny.toml", tmp_path / "ctx", source)
+    result = run_train(context, tmp_path / "out", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode == contract.EXIT_USER_ERROR, result.stderr[-3000:]
+    assert "error: runtime.gpus = 2 asks for 2 GPU(s) but 0 are visible" in result.stderr
+    assert "Traceback" not in result.stderr and "launching" not in result.stdout
+    predicate = manifest(tmp_path / "out")["predicate"]
+    assert predicate["status"] == "failed" and "0 are visible" in predicate["error"]
