@@ -73,6 +73,9 @@ def test_a_local_folder_without_a_model_is_an_error(tiny_plan: Plan, tmp_path: P
         model_source(tiny_plan.model, str(tmp_path))
     (tmp_path / "config.json").write_text((TINY_MODEL / "config.json").read_text())
     source = model_source(tiny_plan.model, str(tmp_path))
+    with pytest.raises(UserError, match=rf"cannot load the tokenizer from {tmp_path}: ") as caught:
+        load_tokenizer(tiny_plan, source)  # transformers 5 raises ValueError here, not OSError
+    assert str(caught.value).splitlines()[1].startswith("fix: the model folder needs its tokenizer")
     with pytest.raises(UserError, match=rf"cannot load the model from {tmp_path}"):
         load_model(tiny_plan, source, use_cpu=True, local_rank=0, world_size=1)
 
