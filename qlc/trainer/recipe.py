@@ -203,8 +203,12 @@ class Run:
         else:
             source = model_source(plan.model, env.model_path)
         tokenizer = load_tokenizer(plan, source)
-        train = prepare(rows.train, plan.data, tokenizer, rows.source, "train")
-        held = prepare(rows.eval, plan.data, tokenizer, rows.source, "eval") if rows.eval else None
+        train = prepare(rows.train, plan.data, tokenizer, rows.source, "train", rows.train_numbers)
+        held = (
+            prepare(rows.eval, plan.data, tokenizer, rows.source, "eval", rows.eval_numbers)
+            if rows.eval
+            else None
+        )
         if env.writes:
             report = {"train": train.report, "eval": held.report if held else None}
             contract.write_json_atomic(env.output_dir / contract.DATA_REPORT_FILE, report)

@@ -199,11 +199,17 @@ DATA_PROBLEMS = [
     ("list.jsonl", b'{"text": "ok"}\n[1, 2]\n', r"{path}:2: a row must be a JSON object, got list"),
     ("wide.csv", b'text\n"a","b"\n', r"{path}:2: more values than the header has columns"),
     ("corrupt.parquet", b"PAR1 not really PAR1", r"{path}: not a readable parquet file"),
-    (
+    (  # rows 8 and 10 are held out for evaluation (seeded): rows keep their file numbers
         "no-text.jsonl",
-        rows_file(*[{"text": None}] * 5, *[{"text": ""}] * 3, *[{"text": "ok"}] * 8),
-        r"{path}: 7 of 14 train rows have no text to train on \('text' is null: rows 1, 2, 3, "
-        r"4, 5; 'text' is an empty string: rows 6, 7\): fix the data",
+        rows_file(
+            *[{"text": "ok"}] * 8,
+            {"text": None},
+            {"text": "ok"},
+            *[{"text": None}] * 3,
+            *[{"text": ""}] * 3,
+        ),
+        r"{path}: 7 of 14 train rows have no text to train on \('text' is null: rows 9, 11, 12, "
+        r"13; 'text' is an empty string: rows 14, 15, 16\): fix the data",
     ),
     (
         "wrong-field.jsonl",

@@ -110,6 +110,9 @@ def test_a_majority_without_text_stops_naming_the_rows(text_data: DataPlan) -> N
     assert "'text' is null: rows 1, 2, 3" in message
     assert "'text' is an empty string: rows 4, 5, 6, 7, 8)" in message
     assert "fix the data or the data.*_field keys" in message
+    numbers = [2, 3, 5, 7]  # their places in the file (others held out for evaluation)
+    with pytest.raises(UserError, match=r"'text' is a number: rows 3, 5, 7\)"):
+        usable_rows([{"text": "ok"}] + [{"text": 1}] * 3, text_data, "d", "train", numbers)
     rows = [{"text": 1}] * 9 + [{"text": "ok"}] * 2
     with pytest.raises(UserError, match=r"rows 1, 2, 3, 4, 5 and 4 more"):
         usable_rows(rows, text_data, "data.jsonl", "eval")

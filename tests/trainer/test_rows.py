@@ -160,6 +160,8 @@ def test_eval_fraction_holds_out_a_seeded_disjoint_share(tiny_plan: Plan, tmp_pa
     reseeded = plan.model_copy(update={"job": plan.job.model_copy(update={"seed": 7})})
     assert load_rows(reseeded, str(path), None).eval != rows.eval
     assert rows.source == rows.local_file == str(path)
+    for split, numbers in ((rows.train, rows.train_numbers), (rows.eval, rows.eval_numbers)):
+        assert [row["text"] for row in split] == [f"row {n - 1}" for n in numbers]  # file rows
     whole = load_rows(with_data(tiny_plan, eval_fraction=0.0), str(path), None)
     assert len(whole.train) == 20 and whole.eval == []
 
