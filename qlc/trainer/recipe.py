@@ -196,8 +196,10 @@ class Run:
             self.manifest["predicate"]["environment"]["gpus"] = devices
         if env.writes:
             shutil.rmtree(env.output_dir / contract.ADAPTER_STAGING_DIR, ignore_errors=True)
-        seed_everything(plan.job.seed, plan.job.deterministic)
+        # The data first: a file that cannot be read stops the run before the training stack
+        # (transformers, peft) is even imported. Reading rows draws from no global generator.
         rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None)
+        seed_everything(plan.job.seed, plan.job.deterministic)
         if env.smoke:
             source = self.smoke_model(rows.train)
         else:

@@ -187,10 +187,23 @@ def contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
+@pytest.fixture(scope="module")
+def no_training_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PYTHONPATH folder on which transformers, peft and trl cannot be imported: a file that
+    cannot be read stops the run before the training stack even loads."""
+    folder = tmp_path_factory.mktemp("no-training-stack")
+    for name in ("transformers", "peft", "trl"):
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
+    return folder
+
+
 def rows_file(*rows: Any) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
+# Rows that read but have no text: found by rendering, once the tokenizer is loaded.
+SHAPE_PROBLEMS = ("no-text.jsonl", "wrong-field.jsonl")
 DATA_PROBLEMS = [
     ("empty.jsonl", b"", r"data file {path} is empty: it needs at least one row"),
     ("blank.jsonl", b"\n  \n", r"data file {path} is empty: it needs at least one row"),
@@ -226,6 +239,7 @@ DATA_PROBLEMS = [
 def test_bad_data_stops_the_run_before_any_model_loads(
     contexts: dict[str, Path],
     trap_model: Path,
+    no_training_stack: Path,
     tmp_path: Path,
     name: str,
     content: bytes,
@@ -236,6 +250,8 @@ def test_bad_data_stops_the_run_before_any_model_loads(
     out = tmp_path / "out"
     context = contexts[name.rsplit(".", 1)[1]]
     extra = {contract.ENV_DATA_PATH: str(data), contract.ENV_MODEL_PATH: str(trap_model)}
+    if name not in SHAPE_PROBLEMS:
+        extra["PYTHONPATH"] = str(no_training_stack)
     result = run_train(context, out, **extra)
     assert result.returncode == contract.EXIT_USER_ERROR, result.stderr[-3000:]
     expected = message.format(path=re.escape(str(data)))
