@@ -322,7 +322,8 @@ class Run:
         return SMOKE_SAMPLE_TOKENS if self.env.smoke else SAMPLE_NEW_TOKENS
 
     def save(self, model: Any, data: Data, result: TrainResult) -> None:
-        if not self.env.writes:
+        if not self.env.writes:  # rank 0 writes the records; this process's part is done
+            self.code = contract.EXIT_OK
             return
         out = self.env.output_dir
         data.tokenizer.save_pretrained(out / contract.ADAPTER_STAGING_DIR)
