@@ -117,8 +117,8 @@ def test_the_runs_records(tiny_run: tuple[Path, str], tiny_context: Path) -> Non
     assert report["train"]["rows_without_text"] == 0
     sample = json.loads((out / contract.SAMPLE_FILE).read_text())
     assert sample["held_out"] and sample["prompt"].endswith("[/INST]") and "completion" in sample
-    checkpoints = sorted(p.name for p in (out / contract.CHECKPOINTS_DIR).iterdir() if p.is_dir())
-    assert checkpoints == ["checkpoint-12", "checkpoint-8"]  # save_steps 4, keep 2
+    checkpoints = sorted(p.name for p in (out / contract.CHECKPOINTS_DIR).iterdir())
+    assert checkpoints == ["checkpoint-12", "checkpoint-8"]  # save_steps 4, keep 2; no trl card
     marker = json.loads((out / "checkpoints/checkpoint-12" / contract.COMPLETE_MARKER).read_text())
     assert marker["step"] == 12 and marker["engine"] == "reference"
     assert not (out / "checkpoints/checkpoint-12" / contract.MODEL_CARD_FILE).exists()
