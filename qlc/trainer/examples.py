@@ -52,10 +52,18 @@ def check_tokenizer(data: DataPlan, tokenizer: Any) -> None:
         raise UserError("the tokenizer has no fast (tokenizers) version; qlc needs its offsets")
 
 
-def prepare(rows: list[Row], data: DataPlan, tokenizer: Any, source: str, split: str) -> Prepared:
-    """Tokenized examples, their rendered texts and the split's report."""
+def prepare(
+    rows: list[Row],
+    data: DataPlan,
+    tokenizer: Any,
+    source: str,
+    split: str,
+    numbers: list[int] | None = None,
+) -> Prepared:
+    """Tokenized examples, their rendered texts and the split's report (rows named by
+    `numbers`, their places in the source: 1, 2, ... by default)."""
     check_tokenizer(data, tokenizer)
-    usable = usable_rows(rows, data, source, split)
+    usable = usable_rows(rows, data, source, split, numbers)
     examples: list[Example] = []
     kept: list[Rendered] = []
     counts = dict.fromkeys(COUNTS, 0)

@@ -114,9 +114,14 @@ def load_tokenizer(plan: Plan, source: ModelSource) -> Any:
             token=os.environ.get("HF_TOKEN") or None,
             trust_remote_code=plan.model.trust_remote_code,
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers 5: ValueError without tokenizer files
         if source.local and not override:
-            raise UserError(f"cannot load the tokenizer from {name}: {error}") from None
+            lines = str(error).strip().splitlines()
+            raise UserError(
+                f"cannot load the tokenizer from {name}: {lines[0] if lines else error!r}\n"
+                "fix: the model folder needs its tokenizer files (tokenizer.json, "
+                "tokenizer_config.json), or set model.tokenizer"
+            ) from None
         raise hub_failure(f"the tokenizer {name!r}", error) from None
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; qlc trains every example to end with it")

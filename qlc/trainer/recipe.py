@@ -161,7 +161,11 @@ class Run:
         signal.signal(signal.SIGINT, self.on_signal)
         import torch
 
-        argv = launch.launch_argv(self.plan, os.environ, torch.cuda.device_count(), script)
+        try:
+            argv = launch.launch_argv(self.plan, os.environ, torch.cuda.device_count(), script)
+        except UserError as error:  # GPUs or processes this host does not have
+            self.__exit__(UserError, error, None)  # printed, and recorded in the manifest
+            raise SystemExit(contract.EXIT_USER_ERROR) from None
         if argv is not None:
             flag = out / contract.USER_ERROR_FLAG
             flag.unlink(missing_ok=True)
@@ -194,15 +198,21 @@ class Run:
             self.manifest["predicate"]["environment"]["gpus"] = devices
         if env.writes:
             shutil.rmtree(env.output_dir / contract.ADAPTER_STAGING_DIR, ignore_errors=True)
-        seed_everything(plan.job.seed, plan.job.deterministic)
+        # The data first: a file that cannot be read stops the run before the training stack
+        # (transformers, peft) is even imported. Reading rows draws from no global generator.
         rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None)
+        seed_everything(plan.job.seed, plan.job.deterministic)
         if env.smoke:
             source = self.smoke_model(rows.train)
         else:
             source = model_source(plan.model, env.model_path)
         tokenizer = load_tokenizer(plan, source)
-        train = prepare(rows.train, plan.data, tokenizer, rows.source, "train")
-        held = prepare(rows.eval, plan.data, tokenizer, rows.source, "eval") if rows.eval else None
+        train = prepare(rows.train, plan.data, tokenizer, rows.source, "train", rows.train_numbers)
+        held = (
+            prepare(rows.eval, plan.data, tokenizer, rows.source, "eval", rows.eval_numbers)
+            if rows.eval
+            else None
+        )
         if env.writes:
             report = {"train": train.report, "eval": held.report if held else None}
             contract.write_json_atomic(env.output_dir / contract.DATA_REPORT_FILE, report)
@@ -326,7 +336,8 @@ class Run:
         return SMOKE_SAMPLE_TOKENS if self.env.smoke else SAMPLE_NEW_TOKENS
 
     def save(self, model: Any, data: Data, result: TrainResult) -> None:
-        if not self.env.writes:
+        if not self.env.writes:  # rank 0 writes the records; this process's part is done
+            self.code = contract.EXIT_OK
             return
         out = self.env.output_dir
         data.tokenizer.save_pretrained(out / contract.ADAPTER_STAGING_DIR)

@@ -128,6 +128,9 @@ def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 (folder / contract.MODEL_CARD_FILE).unlink(missing_ok=True)  # peft's empty card
+                # trl's card of the checkpoints folder ("a fine-tuned version of [None]"):
+                # the adapter's card, written at the end from the run's records, is the card.
+                (Path(args.output_dir) / contract.MODEL_CARD_FILE).unlink(missing_ok=True)
                 write_marker(folder, state.global_step, "reference", plan_sha256)
 
     return Qlc()

@@ -91,17 +91,20 @@ def _chat_problem(messages: Any, data: DataPlan) -> str | None:
     return None
 
 
-def usable_rows(rows: list[Row], data: DataPlan, source: str, split: str) -> Usable:
+def usable_rows(
+    rows: list[Row], data: DataPlan, source: str, split: str, numbers: list[int] | None = None
+) -> Usable:
     """The rows with text; UserError when a field is missing everywhere (a wrong field name)
-    or when rows without text are the majority."""
+    or when rows without text are the majority. `numbers`: each row's number in the source
+    (default 1, 2, ...), which messages and the report name."""
     kept: list[Row] = []
-    numbers: list[int] = []
+    kept_numbers: list[int] = []
     dropped: dict[str, list[int]] = {}
-    for number, row in enumerate(rows, 1):
+    for number, row in zip(numbers or range(1, len(rows) + 1), rows, strict=True):
         why = unusable(row, data)
         if why is None:
             kept.append(row)
-            numbers.append(number)
+            kept_numbers.append(number)
         else:
             dropped.setdefault(why, []).append(number)
     missing = [n for n in fields_of(data) if all(n not in row for row in rows[:1000])]
@@ -118,7 +121,7 @@ def usable_rows(rows: list[Row], data: DataPlan, source: str, split: str) -> Usa
             f"{source}: {len(rows) - len(kept)} of {len(rows)} {split} rows have no text to "
             f"train on ({reasons}): fix the data or the data.*_field keys"
         )
-    return Usable(kept, numbers, dropped)
+    return Usable(kept, kept_numbers, dropped)
 
 
 def render_text(row: Row, data: DataPlan) -> Rendered:

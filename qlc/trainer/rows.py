@@ -29,6 +29,8 @@ class Rows:
     eval: list[Row]
     source: str  # the file's path or the hub id, for messages
     local_file: str | None  # the file read, when the data is local
+    train_numbers: list[int]  # each train row's 1-based number in its file or split
+    eval_numbers: list[int]  # likewise for the evaluation rows
 
 
 def data_file(data: DataPlan, override: str | None) -> str | None:
@@ -173,16 +175,18 @@ def load_rows(plan: Plan, data_override: str | None, smoke_rows: int | None) -> 
         eval_rows = [] if data.eval_split is None else hub_rows(data, data.eval_split, token)
     if smoke_rows is not None:
         rows, eval_rows = rows[:smoke_rows], eval_rows[: smoke_rows // 4]
-    if data.eval_fraction > 0:
+    numbers, eval_numbers = list(range(1, len(rows) + 1)), list(range(1, len(eval_rows) + 1))
+    if data.eval_fraction > 0:  # messages keep naming rows by their place in the file
         order = list(range(len(rows)))
         random.Random(plan.job.seed).shuffle(order)
         held = set(order[: max(1, round(len(rows) * data.eval_fraction))])
-        eval_rows = [rows[i] for i in sorted(held)]
+        eval_rows, eval_numbers = [rows[i] for i in sorted(held)], [i + 1 for i in sorted(held)]
+        numbers = [i + 1 for i in range(len(rows)) if i not in held]
         rows = [row for i, row in enumerate(rows) if i not in held]
     source = path or str(data.hub_id)
     if not rows:
         raise UserError(f"no training rows in {source!r}")
-    return Rows(train=rows, eval=eval_rows, source=source, local_file=path)
+    return Rows(rows, eval_rows, source, path, numbers, eval_numbers)
 
 
 def shown_rows(numbers: list[int]) -> str:

@@ -24,7 +24,7 @@ EXPORTS = {  # target -> (the spec whose output_dir it can mount, its other argu
         "hub.toml",
         ["--volume", "fs-0123456789abcdef0", "--efs-access-point", "fsap-0123456789abcdef0"],
         ["job-definition.json"],
-    ),  # fmt: skip
+    ),
     "gcp-batch": ("gs.toml", ["--project", "qlc-test-project"], ["job.json"]),
     "skypilot": ("gs.toml", [], ["task.yaml"]),
 }

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import adapter, load_model, make_examples, make_plan, run_fast, train_losses
-from conftest import with_engine as engine_with
+from fast_support import adapter, load_model, make_examples, make_plan, run_fast, train_losses
+from fast_support import with_engine as engine_with
 
 from qlc.compiler.plan import Plan
 from qlc.contract import CHECKPOINTS_DIR, COMPLETE_MARKER
@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 
-SHA = "a" * 64  # conftest.run_fast's plan_sha256
+SHA = "a" * 64  # fast_support.run_fast's plan_sha256
 EXAMPLES = make_examples(18, seed=5)
 
 

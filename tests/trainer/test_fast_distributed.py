@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import adapter, load_model, make_examples, make_plan, run_fast, train_losses
+from fast_support import adapter, load_model, make_examples, make_plan, run_fast, train_losses
 
 from qlc.compiler.plan import Plan
 from qlc.contract import CHECKPOINTS_DIR

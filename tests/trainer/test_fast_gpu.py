@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_examples, make_plan, run_fast, save_tiny_llama, train_losses, with_engine
+from fast_support import (
+    make_examples,
+    make_plan,
+    run_fast,
+    save_tiny_llama,
+    train_losses,
+    with_engine,
+)
 
 from qlc.trainer.fast.decoder import DecoderSetup, FastDecoder
 from qlc.trainer.fast.kernels import Attention

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from fast_support import (
     DTYPES,
     adapter,
     load_model,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from fast_support import (
     DTYPES,
     VOCAB,
     adapter,
@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 CPU = torch.device("cpu")
 MOMENTS = {"state1", "state2", "exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"}
-R = 8  # the LoRA rank of conftest.spec
+R = 8  # the LoRA rank of fast_support.spec
 
 
 def decoder_for(model: Any, plan: Plan, recompute: bool = False) -> FastDecoder:

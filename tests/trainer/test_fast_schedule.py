@@ -4,7 +4,7 @@ micro-batch becomes one padding-free row (or a padded batch for the generic path
 from __future__ import annotations
 
 import pytest
-from conftest import make_examples, make_plan, with_schedule
+from fast_support import make_examples, make_plan, with_schedule
 
 from qlc.trainer.fast.ranks import Ranks
 from qlc.trainer.fast.schedule import label_count, pack, pad, step_schedule

@@ -1,4 +1,5 @@
-"""The tiny assets in specs/ are what tools/make_tiny_assets.py makes, and load as intended."""
+"""The tiny assets in specs/ that the trainer's tests train on are what tools/make_tiny_assets.py
+makes, and load as intended (a Llama 2 like tokenizer with its traps)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import hashlib
 import subprocess
 import sys
 
-from conftest import GUANACO, REPO, SPECS, TINY_MODEL
+from trainer_support import REPO, SPECS, TINY_DATA, TINY_MODEL
+
+GUANACO = REPO / "data" / "guanaco-llama2-1k" / "train.parquet"
 
 
 def test_the_guanaco_data_is_the_published_file() -> None:
@@ -38,5 +41,7 @@ def test_tiny_model_is_small_and_its_tokenizer_is_llama_like() -> None:
     assert ids[:2] == [tokenizer.bos_token_id, tokenizer.bos_token_id]  # the doubled-BOS trap
     assert ids[-1] == tokenizer.eos_token_id and tokenizer.pad_token is None
     assert config.hidden_size % 64 == 0 and config.intermediate_size % 64 == 0
-    rows = (SPECS / "tiny" / "data.jsonl").read_text().splitlines()
+    rows = TINY_DATA.read_text().splitlines()
     assert len(rows) == 64 and all('"text": "<s>[INST]' in row for row in rows)
+    for name in ("chat", "instruction"):
+        assert len((SPECS / name / "data.jsonl").read_text().splitlines()) == 16
