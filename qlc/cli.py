@@ -218,7 +218,12 @@ def lock_command(
     out.print(f"{path}: locked; commit it beside {spec}", markup=False)
 
 
-RunArg = Annotated[Path, typer.Argument(help="A run directory or its manifest.json.")]
+RunArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A run directory or its manifest.json (generate: or oci:HOST/REPO@sha256:...)."
+    ),
+]
 ModelOption = Annotated[
     Path | None,
     typer.Option("--model", help="Local base model directory (its files must match the run's)."),
@@ -278,6 +283,7 @@ def generate_command(
     from qlc.runtime.generate import RunInputError, generate
 
     prompts = read_prompts(prompt or [], prompts_file)
+    run = open_target(run)
     try:
         answers = generate(
             run, prompts, max_new_tokens, temperature, seed, model, use_adapter=not no_adapter
@@ -317,6 +323,128 @@ def merge_command(
         f"{record.adapter_effect_max_abs:.3g}); record in {output / 'merge.json'}",
         markup=False,
     )
+
+
+def open_target(run: Path) -> Path:
+    """A run directory, or oci:HOST/REPO@sha256:... pulled (once) into .qlc/pulled/."""
+    from qlc.runtime.oci_artifact import PullError, cached_run
+    from qlc.runtime.oci_registry import RegistryError
+    from qlc.runtime.records import state_dir
+
+    text = str(run)
+    if not text.startswith("oci:"):
+        return run
+    try:
+        pulled: Path = cached_run(text, state_dir(Path.cwd()) / "pulled")
+    except PullError as error:
+        raise UserError(str(error)) from None
+    except (RegistryError, OSError) as error:
+        raise RunFailure(f"cannot pull {text}: {error}") from None
+    return pulled
+
+
+@app.command(name="publish")
+def publish_command(
+    run: RunArg,
+    to: Annotated[
+        str, typer.Option("--to", help="hf:ORG/NAME (Hugging Face Hub) or oci:HOST/REPO[:TAG].")
+    ],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="hf: upload the verified merge, not the adapter.")
+    ] = False,
+    public: Annotated[bool, typer.Option("--public", help="hf: a public repository.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be uploaded; send nothing.")
+    ] = False,
+    model: ModelOption = None,
+) -> None:
+    """Publish a verified run: its adapter, card, manifest and report (nothing when a hash
+    differs). hf: one Hub commit (private unless --public, token from HF_TOKEN); oci: an ORAS
+    artifact pushed by digest."""
+    from qlc.runtime.generate import RunInputError
+    from qlc.runtime.publish import PublishError, parse_target
+
+    try:
+        target = parse_target(to)
+        if target.scheme == "oci" and (merged or public):
+            raise PublishError("--merged and --public are for hf: targets")
+        if target.scheme == "hf":
+            publish_hub(run, target.name, merged, not public, dry_run, model)
+        else:
+            publish_oci_target(run, target.name, target.tag, dry_run, model)
+    except (PublishError, RunInputError) as error:
+        raise UserError(str(error)) from None
+
+
+def publish_hub(
+    run: Path, repo: str, merged: bool, private: bool, dry_run: bool, model: Path | None
+) -> None:
+    from qlc.runtime.merge import MergeVerificationError
+    from qlc.runtime.publish import record_publication
+    from qlc.runtime.publish_hub import HfHub, HubError, hub_token, planned_upload, upload
+
+    token = None if dry_run else hub_token()
+    try:
+        with planned_upload(run, repo, merged, private, model) as plan:
+            for line in plan.lines():
+                out.print(line, markup=False)
+            if token is None:
+                out.print("dry run: nothing was uploaded", markup=False)
+                return
+            url = upload(plan, HfHub(), token)
+    except MergeVerificationError as error:
+        raise RunFailure(str(error)) from None
+    except (HubError, OSError) as error:
+        raise RunFailure(str(error)) from None
+    record_publication(Path(run) if Path(run).is_dir() else Path(run).parent, f"hf:{repo}", url)
+    out.print(url, markup=False)
+
+
+def publish_oci_target(
+    run: Path, repository: str, tag: str | None, dry_run: bool, model: Path | None
+) -> None:
+    from qlc.runtime.oci_artifact import artifact_manifest, publish_oci
+    from qlc.runtime.oci_registry import RegistryError, split_repository
+    from qlc.runtime.publish import PublishError, verified_run
+
+    try:
+        split_repository(repository)
+    except RegistryError as error:
+        raise PublishError(f"--to oci:{repository}: {error}") from None
+    if dry_run:
+        inputs, files = verified_run(run, model, with_plan=True)
+        created = (inputs.manifest["predicate"].get("run") or {}).get("finished_at")
+        out.print(artifact_manifest(files, created).decode(), markup=False)
+        out.print("dry run: nothing was pushed", markup=False)
+        return
+    try:
+        pushed = publish_oci(run, repository, tag, model)
+    except RegistryError as error:
+        raise RunFailure(str(error)) from None
+    tagged = f", tag {pushed.tag}" if pushed.tag else ""
+    out.print(
+        f"{pushed.reference} ({pushed.layers} files, {pushed.bytes} bytes{tagged}); recorded "
+        "in the run's published.json",
+        markup=False,
+    )
+
+
+@app.command(name="pull")
+def pull_command(
+    reference: Annotated[str, typer.Argument(help="oci:HOST/REPO@sha256:... (qlc publish).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the run.")],
+) -> None:
+    """Pull a published run by digest into a new directory, verified against its records."""
+    from qlc.runtime.oci_artifact import PullError, pull_run
+    from qlc.runtime.oci_registry import RegistryError
+
+    try:
+        where = pull_run(reference, output)
+    except PullError as error:
+        raise UserError(str(error)) from None
+    except (RegistryError, OSError) as error:
+        raise RunFailure(f"cannot pull {reference}: {error}") from None
+    out.print(f"{where}: verified (manifest.sha256, subjects, records)", markup=False)
 
 
 @app.command(name="build")
