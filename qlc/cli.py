@@ -304,11 +304,21 @@ def merge_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the model.")],
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 or fp16 weights.")] = "bf16",
     model: ModelOption = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="hf (safetensors) or gguf (llama.cpp / Ollama).")
+    ] = "hf",
+    quant: Annotated[str, typer.Option("--quant", help="gguf: f16, q8_0 or q4_k_m.")] = "q8_0",
 ) -> None:
-    """Merge a run's adapter into its base (bf16/fp16), verify the logits, write merge.json."""
+    """Merge a run's adapter into its base (bf16/fp16), verify the logits, write merge.json;
+    --format gguf: convert with llama.cpp, verify tokens and logits, write a Modelfile."""
     from qlc.runtime.generate import RunInputError
     from qlc.runtime.merge import MergeVerificationError, merge
 
+    if output_format not in ("hf", "gguf"):
+        raise UserError(f"--format must be hf or gguf (got {output_format!r})")
+    if output_format == "gguf":
+        merge_gguf_command(run, output, quant, dtype, model)
+        return
     try:
         record = merge(run, output, dtype, model)
     except RunInputError as error:
@@ -321,6 +331,34 @@ def merge_command(
         f"{output}: merged in {record.dtype}; logits max |diff| {record.max_abs_diff:.3g} "
         f"<= {record.tolerance['bound']:.3g} on {record.prompts} prompts (adapter effect "
         f"{record.adapter_effect_max_abs:.3g}); record in {output / 'merge.json'}",
+        markup=False,
+    )
+
+
+def merge_gguf_command(run: Path, output: Path, quant: str, dtype: str, model: Path | None) -> None:
+    from qlc.runtime.generate import RunInputError
+    from qlc.runtime.gguf_tools import GgufToolError
+    from qlc.runtime.merge import MergeVerificationError
+    from qlc.runtime.merge_gguf import GgufVerificationError, merge_gguf
+    from qlc.runtime.modelfile import ModelfileError
+
+    try:
+        record = merge_gguf(run, output, quant, dtype, model)
+    except RunInputError as error:
+        raise UserError(str(error)) from None
+    except (MergeVerificationError, GgufVerificationError, GgufToolError) as error:
+        raise RunFailure(str(error)) from None
+    except ModelfileError as error:
+        raise RunFailure(f"no Modelfile: {error}; nothing was written") from None
+    except OSError as error:
+        raise RunFailure(f"cannot load or write the model: {error}") from None
+    check = record["verification"]
+    out.print(
+        f"{output / record['gguf']['file']}: {quant}; llama.cpp tokenizes "
+        f"{check['token_texts']} texts as HF does; logits max |diff| "
+        f"{check['max_abs_diff']:.3g} <= {check['tolerance']['bound']:.3g} on "
+        f"{check['prompts']} prompts (top-1 agreement {check['top1_agreement']:.1%}); "
+        f"Modelfile and merge.json beside it",
         markup=False,
     )
 

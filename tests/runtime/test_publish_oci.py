@@ -89,6 +89,15 @@ def test_push_by_digest_then_pull_back_bit_identical(
     for name in got:
         assert (pulled / name).read_bytes() == (run / name).read_bytes(), name
 
+    import oras.client  # an independent ORAS client reads the same files
+
+    by_oras = tmp_path / "by-oras"
+    client = oras.client.OrasClient(hostname=local_registry, insecure=True)
+    files = [Path(f) for f in client.pull(target=reference, outdir=str(by_oras))]
+    assert sorted(f.relative_to(by_oras).as_posix() for f in files) == published_names(run)
+    for path in files:
+        assert path.read_bytes() == (run / path.relative_to(by_oras)).read_bytes()
+
 
 def test_generate_runs_from_the_pulled_artifact(
     trained_tiny_run: Path,
