@@ -80,13 +80,14 @@ def load_llama(path: Path, n_ctx: int) -> Any:
 def check_metadata(llm: Any, tokenizer: Any, check: GgufCheck) -> bool:
     """The template and special tokens in the GGUF; True when BOS is added by the GGUF."""
     meta = dict(llm.metadata)
+    add_bos = str(meta.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
     template = getattr(tokenizer, "chat_template", None)
     kept = meta.get("tokenizer.chat_template")
     check.metadata = {
         "chat_template_kept": template is None or kept == template,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token"),
+        "add_bos_token": add_bos,
         "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
     }
     if template is not None and kept != template:
@@ -95,7 +96,7 @@ def check_metadata(llm: Any, tokenizer: Any, check: GgufCheck) -> bool:
         found = meta.get(f"tokenizer.ggml.{name}_token_id")
         if hf_id is not None and str(found) != str(hf_id):
             check.problems.append(f"{name.upper()} token id {found} in the GGUF, {hf_id} in HF")
-    return str(meta.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+    return add_bos
 
 
 def check_tokens(

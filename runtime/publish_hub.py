@@ -50,13 +50,18 @@ class Hub(Protocol):
 
 
 class HfHub:
-    """huggingface_hub's HfApi (the endpoint huggingface_hub is configured for)."""
+    """huggingface_hub's HfApi, at `endpoint` or the one huggingface_hub is configured for."""
+
+    def __init__(self, endpoint: str | None = None) -> None:
+        self.endpoint = endpoint
 
     def create_repo(self, repo_id: str, private: bool, token: str) -> None:
         from huggingface_hub import HfApi
 
         try:
-            HfApi().create_repo(repo_id, token=token, private=private, exist_ok=True)
+            HfApi(endpoint=self.endpoint).create_repo(
+                repo_id, token=token, private=private, exist_ok=True
+            )
         except Exception as error:  # huggingface_hub's HTTP and transport errors
             raise HubError(f"cannot create hf:{repo_id}: {error}") from None
 
@@ -66,7 +71,7 @@ class HfHub:
         from huggingface_hub import HfApi
 
         try:
-            info = HfApi().create_commit(
+            info = HfApi(endpoint=self.endpoint).create_commit(
                 repo_id,
                 operations,
                 commit_message=message,

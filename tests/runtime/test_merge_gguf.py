@@ -171,3 +171,15 @@ def test_only_the_plain_gpt2_byte_level_configuration_falls_back(tmp_path: Path)
         (folder / "tokenizer.json").write_text(json.dumps(document))
         assert pre_tokenizer_from_config(folder) == expected, document["pre_tokenizer"]
     assert pre_tokenizer_from_config(tmp_path) is None  # no tokenizer.json
+
+
+def test_the_pinned_versions_agree() -> None:
+    """pyproject's gguf extra installs the llama-cpp-python whose sdist hash qlc pins."""
+    import tomllib
+
+    from qlc.runtime.gguf_tools import LLAMA_CPP_PYTHON
+
+    project = tomllib.loads((TINY.parents[1] / "pyproject.toml").read_text())
+    extra = project["project"]["optional-dependencies"]["gguf"]
+    assert f"llama-cpp-python=={LLAMA_CPP_PYTHON}" in extra
+    assert llama_cpp.__version__ == LLAMA_CPP_PYTHON

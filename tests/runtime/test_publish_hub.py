@@ -202,3 +202,40 @@ def test_repo_ids_are_checked_by_huggingface_hub() -> None:
     for bad in ("acme/tiny--x", "acme/x.git", "a/b/c", "tiny", "acme/" + "x" * 100):
         with pytest.raises(PublishError):
             check_repo_id(bad)
+
+
+@pytest.mark.slow
+def test_merged_dry_run_plans_the_verified_merge_with_its_own_card(
+    trained_tiny_run: Path, hub: RecordingHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with planned_upload(trained_tiny_run, "acme/tiny-merged", merged=True) as plan:
+        ops = {op.path_in_repo: op for op in plan.operations}
+        assert "adapter_config.json" not in ops and "adapter_model.safetensors" not in ops
+        assert {"config.json", "merge.json", "README.md", *RUN_RECORDS} <= set(ops)
+        assert any(name.endswith(".safetensors") for name in ops)
+        record = json.loads(operation_bytes(ops["merge.json"]))
+        for name, digest in record["files"].items():  # what the merge verified is what goes
+            assert ops[name].upload_info.sha256.hex() == digest
+        for name in RUN_RECORDS:
+            assert operation_bytes(ops[name]) == (trained_tiny_run / name).read_bytes()
+        card = ModelCard(operation_bytes(ops["README.md"]).decode(), ignore_metadata_errors=False)
+        assert card.data.library_name == "transformers"
+        assert "merged-lora" in card.data.tags and card.data.base_model
+        assert f"{record['max_abs_diff']:.4g}" in card.text
+    assert hub.calls == []
+
+
+def test_the_real_client_reports_an_unreachable_hub_without_the_token(tmp_path: Path) -> None:
+    """huggingface_hub's own HTTP calls, against a loopback port nothing listens on."""
+    from registry_fixture import free_loopback_port
+
+    hub = publish_hub.HfHub(endpoint=f"http://127.0.0.1:{free_loopback_port()}")
+    card = tmp_path / "README.md"
+    card.write_text('---\nlibrary_name: "peft"\n---\n')
+    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card)]
+    with pytest.raises(publish_hub.HubError, match="cannot create hf:acme/tiny") as raised:
+        hub.create_repo("acme/tiny", True, SECRET)
+    assert SECRET not in str(raised.value)
+    with pytest.raises(publish_hub.HubError, match="the commit to hf:acme/tiny failed") as raised:
+        hub.create_commit("acme/tiny", operations, "message", "description", SECRET)
+    assert SECRET not in str(raised.value)
