@@ -23,17 +23,22 @@ from pathlib import Path
 from typing import Any
 
 ATOL = 1e-3
-# Bounds from measurements on the tiny run (2-layer Llama, hidden 64, vocab 1024, bf16 merge,
-# max |merged| = 3.78), llama-cpp-python 0.3.36 on x86-64 CPU, 16 prompts (the 4 held-out
-# ones and 12 training rows): max |gguf - merged| / max |merged| was f16 4.4e-4, q8_0 0.041,
-# q4_k_m 0.236; mean |gguf - merged| / max |merged| was f16 5.5e-5, q8_0 2.1e-3, q4_k_m
-# 4.3e-3. Each bound is about 4x its measurement (q4_k_m's max 2.5x: its largest errors
-# vary most from prompt to prompt). The mean bound is the sharp one for the quantized files:
-# a wrong tokenizer, template or tensor moves every logit, not a few. The adapter's own
-# effect on the logits (merge.json: adapter_effect_max_abs, 7.0 on the tiny run) is recorded
-# beside, so the record shows the check could tell a merged adapter from none.
-RTOL = {"f16": 2e-3, "q8_0": 1.5e-1, "q4_k_m": 6e-1}
-MEAN_RTOL = {"f16": 2.5e-4, "q8_0": 1e-2, "q4_k_m": 2e-2}
+# Bounds from measurements on two tiny runs (2-layer Llama, hidden 64, vocab 1024, learning
+# rate 5e-2: large adapter updates), llama-cpp-python 0.3.36 on x86-64 CPU, 16 prompts each
+# (the held-out ones and 12 training rows), as  max|gguf - merged| / max|merged|  and
+# mean|gguf - merged| / max|merged|:
+#   text run, bf16 merge (max|merged| 3.78):  f16 4.4e-4 / 5.5e-5   q8_0 0.041 / 2.1e-3
+#                                             q4_k_m 0.236 / 4.3e-3 (top-1 agreement 99.3%)
+#   chat run, fp16 merge (max|merged| 7.38):  f16 8.0e-3 / 1.4e-4   q8_0 0.145 / 3.6e-3
+#                                             q4_k_m 1.31 / 0.021 (top-1 agreement 75%)
+# Each bound is about 3x the larger measurement. For q4_k_m the max bound says nothing (a
+# few logits of that run moved by more than max|merged|); its mean bound is the check. On
+# the tiny model q4_k_m is mostly fallback types (rows of 64 are not a multiple of the
+# k-quants' 256: llama.cpp uses q5_0/q8_0 for 15 of 21 tensors). A wrong tokenizer, template
+# or tensor moves every logit, which the mean bound catches; the adapter's own effect on the
+# logits (adapter_effect_max_abs, from the HF merge) is recorded beside for scale.
+RTOL = {"f16": 2.5e-2, "q8_0": 4.5e-1, "q4_k_m": 4.0}
+MEAN_RTOL = {"f16": 4e-4, "q8_0": 1.1e-2, "q4_k_m": 6.5e-2}
 PROBE = (
     "\n \n\n \t\t x  y   z\n3 33 333 3333 3.14 1,000,000 -----=====\n"
     "I've been 'told he's there, 'RE you sure? We'Ve a'lL DONE it!!! ...?\n"
