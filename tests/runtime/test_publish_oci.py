@@ -106,13 +106,14 @@ def test_generate_runs_from_the_pulled_artifact(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    run = copy_run(trained_tiny_run, tmp_path / "run")  # publishing writes published.json
     target = f"oci:{local_registry}/qlc/generate"
-    code, printed, err = call_cli(["publish", str(trained_tiny_run), "--to", target], capsys)
+    code, printed, err = call_cli(["publish", str(run), "--to", target], capsys)
     assert code == 0, err
     reference = "oci:" + printed.split()[0]
     ask = ["--prompt", "<s>[INST] Hello [/INST]", "--max-new-tokens", "8"]
     model = ["--model", str(TINY / "model")]
-    code, local, err = call_cli(["generate", str(trained_tiny_run), *ask, *model], capsys)
+    code, local, err = call_cli(["generate", str(run), *ask, *model], capsys)
     assert code == 0, err
     monkeypatch.chdir(tmp_path)
     code, pulled, err = call_cli(["generate", reference, *ask, *model], capsys)
