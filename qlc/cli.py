@@ -356,7 +356,8 @@ def merge_gguf_command(run: Path, output: Path, quant: str, dtype: str, model: P
     out.print(
         f"{output / record['gguf']['file']}: {quant}; llama.cpp tokenizes "
         f"{check['token_texts']} texts as HF does; logits max |diff| "
-        f"{check['max_abs_diff']:.3g} <= {check['tolerance']['bound']:.3g} on "
+        f"{check['max_abs_diff']:.3g} <= {check['tolerance']['bound']:.3g}, mean "
+        f"{check['mean_abs_diff']:.3g} <= {check['tolerance']['mean_bound']:.3g} on "
         f"{check['prompts']} prompts (top-1 agreement {check['top1_agreement']:.1%}); "
         f"Modelfile and merge.json beside it",
         markup=False,
