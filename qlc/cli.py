@@ -218,11 +218,10 @@ def lock_command(
     out.print(f"{path}: locked; commit it beside {spec}", markup=False)
 
 
-RunArg = Annotated[
+RunArg = Annotated[Path, typer.Argument(help="A run directory or its manifest.json.")]
+PublishedRunArg = Annotated[
     Path,
-    typer.Argument(
-        help="A run directory or its manifest.json (generate: or oci:HOST/REPO@sha256:...)."
-    ),
+    typer.Argument(help="A run directory, its manifest.json, or oci:HOST/REPO@sha256:..."),
 ]
 ModelOption = Annotated[
     Path | None,
@@ -259,7 +258,7 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 @app.command(name="generate")
 def generate_command(
-    run: RunArg,
+    run: PublishedRunArg,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="A prompt (repeat for several).")
     ] = None,
