@@ -4,15 +4,26 @@ PY := $(VENV)/bin/python
 WHEELS := $(wildcard /opt/wheels)
 PIP_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: setup demo test lint bench-cpu
+.PHONY: setup setup-gguf demo test lint bench-cpu
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_LINKS) -e '.[train,dev]'
+	$(PY) -m pip install --quiet $(PIP_LINKS) -e '.[train,dev,publish]'
 	touch $@
+
+# `qlc merge --format gguf` needs llama-cpp-python, which pip builds from source (llama.cpp:
+# about 24 CPU-minutes, 44 wall-minutes on a busy 2-core machine). The wheel is built once
+# into WHEEL_CACHE (without the multimodal library, which qlc does not use) and installed
+# from there afterwards; the converter's source is cached on first use (~/.cache/qlc).
+WHEEL_CACHE ?= $(HOME)/.cache/qlc/wheels
+setup-gguf: setup
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip wheel --quiet --no-deps \
+		--find-links $(WHEEL_CACHE) -w $(WHEEL_CACHE) \
+		"llama-cpp-python==$$($(PY) -c 'from qlc.runtime.gguf_tools import LLAMA_CPP_PYTHON as v; print(v)')"
+	$(PY) -m pip install --quiet --find-links $(WHEEL_CACHE) $(PIP_LINKS) -e '.[train,dev,publish,gguf]'
 
 # The main job on the embedded default: the tiny spec, trained on this machine's CPU.
 demo: setup

@@ -267,6 +267,10 @@ def lock_command(
 
 
 RunArg = Annotated[Path, typer.Argument(help="A run directory or its manifest.json.")]
+PublishedRunArg = Annotated[
+    Path,
+    typer.Argument(help="A run directory, its manifest.json, or oci:HOST/REPO@sha256:..."),
+]
 ModelOption = Annotated[
     Path | None,
     typer.Option("--model", help="Local base model directory (its files must match the run's)."),
@@ -305,7 +309,7 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 
 @app.command(name="generate")
 def generate_command(
-    run: RunArg,
+    run: PublishedRunArg,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="A prompt (repeat for several).")
     ] = None,
@@ -329,6 +333,7 @@ def generate_command(
     from qlc.runtime.generate import RunInputError, generate
 
     prompts = read_prompts(prompt or [], prompts_file)
+    run = open_target(run)
     try:
         answers = generate(
             run, prompts, max_new_tokens, temperature, seed, model, use_adapter=not no_adapter
@@ -349,11 +354,21 @@ def merge_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the model.")],
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 or fp16 weights.")] = "bf16",
     model: ModelOption = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="hf (safetensors) or gguf (llama.cpp / Ollama).")
+    ] = "hf",
+    quant: Annotated[str, typer.Option("--quant", help="gguf: f16, q8_0 or q4_k_m.")] = "q8_0",
 ) -> None:
-    """Merge a run's adapter into its base (bf16/fp16), verify the logits, write merge.json."""
+    """Merge a run's adapter into its base (bf16/fp16), verify the logits, write merge.json;
+    --format gguf: convert with llama.cpp, verify tokens and logits, write a Modelfile."""
     from qlc.runtime.generate import RunInputError
     from qlc.runtime.merge import MergeVerificationError, merge
 
+    if output_format not in ("hf", "gguf"):
+        raise UserError(f"--format must be hf or gguf (got {output_format!r})")
+    if output_format == "gguf":
+        merge_gguf_command(run, output, quant, dtype, model)
+        return
     try:
         record = merge(run, output, dtype, model)
     except RunInputError as error:
@@ -368,6 +383,157 @@ def merge_command(
         f"{record.adapter_effect_max_abs:.3g}); record in {output / 'merge.json'}",
         markup=False,
     )
+
+
+def merge_gguf_command(run: Path, output: Path, quant: str, dtype: str, model: Path | None) -> None:
+    from qlc.runtime.generate import RunInputError
+    from qlc.runtime.gguf_tools import GgufToolError
+    from qlc.runtime.merge import MergeVerificationError
+    from qlc.runtime.merge_gguf import GgufVerificationError, merge_gguf
+    from qlc.runtime.modelfile import ModelfileError
+
+    try:
+        record = merge_gguf(run, output, quant, dtype, model)
+    except RunInputError as error:
+        raise UserError(str(error)) from None
+    except (MergeVerificationError, GgufVerificationError, GgufToolError) as error:
+        raise RunFailure(str(error)) from None
+    except ModelfileError as error:
+        raise RunFailure(f"no Modelfile: {error}; nothing was written") from None
+    except OSError as error:
+        raise RunFailure(f"cannot load or write the model: {error}") from None
+    check = record["verification"]
+    out.print(
+        f"{output / record['gguf']['file']}: {quant}; llama.cpp tokenizes "
+        f"{check['token_texts']} texts as HF does; logits max |diff| "
+        f"{check['max_abs_diff']:.3g} <= {check['tolerance']['bound']:.3g}, mean "
+        f"{check['mean_abs_diff']:.3g} <= {check['tolerance']['mean_bound']:.3g} on "
+        f"{check['prompts']} prompts (top-1 agreement {check['top1_agreement']:.1%}); "
+        f"Modelfile and merge.json beside it",
+        markup=False,
+    )
+
+
+def open_target(run: Path) -> Path:
+    """A run directory, or oci:HOST/REPO@sha256:... pulled (once) into .qlc/pulled/."""
+    from qlc.runtime.oci_artifact import PullError, cached_run
+    from qlc.runtime.oci_registry import RegistryError
+    from qlc.runtime.records import state_dir
+
+    text = str(run)
+    if not text.startswith("oci:"):
+        return run
+    try:
+        pulled: Path = cached_run(text, state_dir(Path.cwd()) / "pulled")
+    except PullError as error:
+        raise UserError(str(error)) from None
+    except (RegistryError, OSError) as error:
+        raise RunFailure(f"cannot pull {text}: {error}") from None
+    return pulled
+
+
+@app.command(name="publish")
+def publish_command(
+    run: RunArg,
+    to: Annotated[
+        str, typer.Option("--to", help="hf:ORG/NAME (Hugging Face Hub) or oci:HOST/REPO[:TAG].")
+    ],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="hf: upload the verified merge, not the adapter.")
+    ] = False,
+    public: Annotated[bool, typer.Option("--public", help="hf: a public repository.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be uploaded; send nothing.")
+    ] = False,
+    model: ModelOption = None,
+) -> None:
+    """Publish a verified run: its adapter, card, manifest and report (nothing when a hash
+    differs). hf: one Hub commit (private unless --public, token from HF_TOKEN); oci: an ORAS
+    artifact pushed by digest."""
+    from qlc.runtime.generate import RunInputError
+    from qlc.runtime.publish import PublishError, parse_target
+
+    try:
+        target = parse_target(to)
+        if target.scheme == "oci" and (merged or public):
+            raise PublishError("--merged and --public are for hf: targets")
+        if target.scheme == "hf":
+            publish_hub(run, target.name, merged, not public, dry_run, model)
+        else:
+            publish_oci_target(run, target.name, target.tag, dry_run, model)
+    except (PublishError, RunInputError) as error:
+        raise UserError(str(error)) from None
+
+
+def publish_hub(
+    run: Path, repo: str, merged: bool, private: bool, dry_run: bool, model: Path | None
+) -> None:
+    from qlc.runtime.merge import MergeVerificationError
+    from qlc.runtime.publish import record_publication
+    from qlc.runtime.publish_hub import HfHub, HubError, hub_token, planned_upload, upload
+
+    token = None if dry_run else hub_token()
+    try:
+        with planned_upload(run, repo, merged, private, model) as plan:
+            for line in plan.lines():
+                out.print(line, markup=False)
+            if token is None:
+                out.print("dry run: nothing was uploaded", markup=False)
+                return
+            url = upload(plan, HfHub(), token)
+    except MergeVerificationError as error:
+        raise RunFailure(str(error)) from None
+    except (HubError, OSError) as error:
+        raise RunFailure(str(error)) from None
+    record_publication(Path(run) if Path(run).is_dir() else Path(run).parent, f"hf:{repo}", url)
+    out.print(url, markup=False)
+
+
+def publish_oci_target(
+    run: Path, repository: str, tag: str | None, dry_run: bool, model: Path | None
+) -> None:
+    from qlc.runtime.oci_artifact import artifact_manifest, publish_oci
+    from qlc.runtime.oci_registry import RegistryError, split_repository
+    from qlc.runtime.publish import PublishError, verified_run
+
+    try:
+        split_repository(repository)
+    except RegistryError as error:
+        raise PublishError(f"--to oci:{repository}: {error}") from None
+    if dry_run:
+        inputs, files = verified_run(run, model, with_plan=True)
+        created = (inputs.manifest["predicate"].get("run") or {}).get("finished_at")
+        out.print(artifact_manifest(files, created).decode(), markup=False)
+        out.print("dry run: nothing was pushed", markup=False)
+        return
+    try:
+        pushed = publish_oci(run, repository, tag, model)
+    except RegistryError as error:
+        raise RunFailure(str(error)) from None
+    tagged = f", tag {pushed.tag}" if pushed.tag else ""
+    out.print(
+        f"{pushed.reference} ({pushed.layers} files, {pushed.bytes} bytes{tagged}); recorded "
+        "in the run's published.json",
+        markup=False,
+    )
+
+
+@app.command(name="pull")
+def pull_command(
+    reference: Annotated[str, typer.Argument(help="oci:HOST/REPO@sha256:... (qlc publish).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New directory for the run.")],
+) -> None:
+    """Pull a published run by digest into a new directory, verified against its records."""
+    from qlc.runtime.oci_artifact import PullError, pull_run
+    from qlc.runtime.oci_registry import RegistryError
+
+    try:
+        where = pull_run(reference, output)
+    except PullError as error:
+        raise UserError(str(error)) from None
+    except (RegistryError, OSError) as error:
+        raise RunFailure(f"cannot pull {reference}: {error}") from None
+    out.print(f"{where}: verified (manifest.sha256, subjects, records)", markup=False)
 
 
 @app.command(name="build")

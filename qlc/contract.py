@@ -145,6 +145,7 @@ SAMPLE_FILE = "sample.json"
 REPORT_FILE = "report.md"
 LOSS_PLOT_FILE = "loss.png"
 RUN_LOG_FILE = "run.log"
+PUBLISH_RECORD_FILE = "published.json"  # qlc publish: where the run went (host only)
 ADAPTER_DIR = "adapter"
 ADAPTER_STAGING_DIR = ".adapter.partial"  # written whole, then renamed to adapter/
 ADAPTER_OLD_DIR = ".adapter.old"
