@@ -5,14 +5,13 @@ they share. conftest's `tiny_run` fixture trains it once per session; tests only
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from suite_support import copy_tiny_project
 
 from qlc import cli
-from qlc.compiler.context import compile_spec
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "specs" / "tiny"
@@ -33,26 +32,18 @@ def tiny_spec(train_overrides: str) -> bytes:
 
 
 def train_tiny_run(directory: Path) -> Path:
-    """Compile and run the training script as `qlc compile` + `python train.py` would (CPU,
-    4-bit through bitsandbytes); the run directory, with its plan beside it."""
-    lock = (REPO / "specs" / "tiny.lock").read_bytes()
-    context = compile_spec(tiny_spec(TRAIN), "specs/tiny.toml", lock)
-    ctx, run = directory / "context", directory / "run"
-    ctx.mkdir(parents=True)
-    for name, data in context.files.items():
-        (ctx / name).parent.mkdir(parents=True, exist_ok=True)
-        (ctx / name).write_bytes(data)
-    env = {
-        **os.environ,
-        "QLC_OUTPUT_DIR": str(run),
-        "QLC_MODEL_PATH": str(TINY / "model"),
-        "QLC_DATA_PATH": str(TINY / "data.jsonl"),
-    }
-    done = subprocess.run(
-        [sys.executable, str(ctx / "train.py")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return run
+    """A finished tiny run as `qlc run SPEC --local` leaves it (CPU, 4-bit through
+    bitsandbytes): trained, finalized by the runtime (records, report, manifest.sha256)."""
+    from rich.console import Console
+
+    from qlc.runtime.run_local import run_local
+
+    project = directory / "project"
+    spec = copy_tiny_project(project)
+    spec.write_bytes(tiny_spec(TRAIN))
+    result = run_local(spec, project, console=Console(quiet=True), environ=dict(os.environ))
+    assert result.status == "succeeded", result.message
+    return result.run_dir
 
 
 def call_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
