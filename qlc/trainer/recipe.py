@@ -351,7 +351,9 @@ class Run:
             "tokens_per_s": round(result.tokens_per_s, 1),
             "eval_loss": result.eval_loss,
             "final_loss": self.log.final_loss(),
-            "peak_memory_bytes": result.peak_memory_reserved or peak_memory_bytes(),
+            "peak_memory_bytes": peak_memory_bytes(),  # the whole process: load, train, sample
+            "peak_memory_reserved": result.peak_memory_reserved,  # training
+            "peak_memory_allocated": result.peak_memory_allocated,
             "time_to_first_step_s": result.time_to_first_step_s,
         }
         self.manifest["predicate"]["metrics"] = metrics

@@ -1,0 +1,87 @@
+"""QLoRA fine-tuning of "NousResearch/Llama-2-7b-chat-hf", compiled by qlc "0.1.0".
+
+spec:   "bench-lean.toml"
+sha256: "43ebd247f13081699f30fa4307d9d0b68997085b24a97edaad64fa954523d07e"
+engine: "fast", "padding-free decoder (fused q|k|v and gate|up, fused LoRA)"
+
+Rerun it: `python train.py` with plan.json beside it (or QLC_PLAN=/path/to/plan.json); the run
+directory is $QLC_OUTPUT_DIR (default ./out). The settings below are the plan's, written out to
+be read: plan.json holds them all and the trainer refuses to start if these lines differ from it.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the trainer package shipped here
+
+from qlc.trainer.recipe import Run
+
+# What will run, each from the spec key named beside it.
+SETTINGS = {
+    "engine": "fast",  # train.engine
+    "memory": "lean",  # train.memory
+    # train.engine, train.memory
+    "path": "padding-free decoder (fused q|k|v and gate|up, fused LoRA)",
+    "batches": "padding-free",  # train.engine
+    "base_weights": "streamed",  # train.engine, train.memory, runtime.gpus
+    "recompute": "every-layer",  # train.gradient_checkpointing, train.memory
+    # train.engine
+    "attention": "varlen flash attention within each example (SDPA per example where the GPU has no varlen kernel; recorded)",
+    "loss": "chunked",  # train.memory
+    "distributed": "ddp",  # runtime.distributed (with several processes)
+    "base_matmul_dtype": "float16",  # quantization.compute_dtype
+    "adapter_weights_dtype": "float32",  # peft (LoRA weights in float32)
+    "adapter_compute_dtype": "float32",  # train.mixed_precision
+    "activations_dtype": "float16",  # train.engine, quantization.compute_dtype
+    "logits_dtype": "float32",  # the loss in float32
+    "load_in_4bit": True,  # quantization.load_in_4bit
+    "quant_type": "nf4",  # quantization.quant_type
+    "double_quant": False,  # quantization.double_quant
+    "storage_dtype": "uint8",  # quantization.storage_dtype
+    "lora_r": 64,  # lora.r
+    "lora_alpha": 16.0,  # lora.alpha
+    "lora_scale": 0.25,  # lora.alpha / lora.r
+    "lora_dropout": 0.1,  # lora.dropout
+    "lora_bias": "none",  # lora.bias
+    "lora_targets": ["q_proj", "v_proj"],  # lora.target_modules
+    "optimizer": "paged_adamw_8bit",  # train.optimizer, train.memory
+    "optimizer_state_bits": 8,  # train.optimizer, train.memory
+    "optimizer_paged": True,  # train.optimizer
+    "learning_rate": 0.0002,  # train.learning_rate
+    "weight_decay": 0.001,  # train.weight_decay
+    "max_grad_norm": 0.3,  # train.max_grad_norm (0: none)
+    "lr_scheduler": "cosine",  # train.lr_scheduler
+    "warmup": "ceil(0.03 x steps)",  # train.warmup_steps / train.warmup_ratio
+    "steps": "1 epoch(s)",  # train.max_steps / train.epochs
+    "batch_size": 4,  # train.batch_size
+    "grad_accum": 1,  # train.grad_accum / train.examples_per_step
+    "world_size": 1,  # runtime.gpus (1 process on CPU)
+    "examples_per_step": 4,  # batch_size x grad_accum x world_size
+    "group_by_length": True,  # train.group_by_length
+    "data_format": "text",  # data.format
+    "loss_on": "all",  # data.loss
+    "max_length": 1024,  # data.max_length
+    "packing": False,  # data.packing
+    "eval_metric": "token-weighted cross-entropy",  # data.eval_split / data.eval_fraction
+    "seed": 42,  # job.seed
+    "deterministic": False,  # job.deterministic
+}
+# Substitutions (asked for by the spec):
+#   train.optimizer: "paged_adamw_32bit" -> "paged_adamw_8bit"
+#     (train.memory = "lean" keeps the optimizer states in 8 bits)
+
+
+def main() -> int:
+    run = Run.start(__file__, SETTINGS)  # plan.json, run directory, manifest; torchrun if several
+    if run.launched:  # torchrun ran this script once per process; rank 0 wrote the records
+        return run.code
+    with run:  # the outcome goes into the manifest, whatever happens
+        data = run.prepare_data()  # rows -> rendered, tokenized examples (checked first)
+        model = run.load_model(data)  # the 4-bit base and LoRA, as the settings say
+        result = run.train(model, data)  # the engine named above
+        run.save(model, data, result)  # adapter, model card, sample, metrics
+    return run.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
