@@ -20,14 +20,13 @@ from pydantic import (
     model_validator,
 )
 
-from qlc.contract import reserved_env
+from qlc.contract import DATA_FILE_FORMATS, data_file_format, reserved_env
 from qlc.userio import clip
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
 JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
-DATA_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 URI_SCHEMES = ("s3://", "gs://", "az://")
 
 
@@ -259,10 +258,9 @@ class Data(Section):
         if value is None:
             return None
         _input_path(value)
-        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value else ""
-        if suffix not in DATA_SUFFIXES:
+        if data_file_format(value) is None:
             raise ValueError(
-                f"unsupported data file {value!r}: use one of {', '.join(DATA_SUFFIXES)}"
+                f"unsupported data file {value!r}: use one of {', '.join(DATA_FILE_FORMATS)}"
             )
         return value
 
@@ -288,7 +286,7 @@ class Data(Section):
     def file_format(self) -> str | None:
         if self.path is None:
             return None
-        return DATA_SUFFIXES["." + self.path.rsplit(".", 1)[-1].lower()]
+        return data_file_format(self.path)
 
     @property
     def has_eval(self) -> bool:
