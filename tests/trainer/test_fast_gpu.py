@@ -116,7 +116,7 @@ def test_a_run_of_each_precision_trains_on_the_gpu(
     small_dir: Path, tmp_path: Path, compute: str, mixed: str, memory: str
 ) -> None:
     plan = make_plan(gpus=1, compute=compute, mixed=mixed, memory=memory, max_steps=6,
-                     batch_size=4, grad_accum=2, save_steps=3, eval_steps=3)  # fmt: skip
+                     batch_size=4, grad_accum=2, save_steps=3)  # fmt: skip
     model = load_on(small_dir, compute, "cpu" if memory == "lean" else "cuda")
     homes = {n: p.device for n, p in model.named_parameters()}
     examples = make_examples(48, seed=3)

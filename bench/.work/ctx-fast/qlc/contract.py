@@ -159,7 +159,16 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TRAINER_RECORDS = (METRICS_FILE, DATA_REPORT_FILE, SAMPLE_FILE, SETTINGS_FILE, PLAN_FILE)
 # Files the runtime writes after the trainer ends, certified by the manifest too.
 HOST_RECORDS = (REPORT_FILE, LOSS_PLOT_FILE)
-PROGRESS_PREFIX = "QLC_PROGRESS "  # one JSON object per logging step on stdout
+PROGRESS_PREFIX = "QLC_PROGRESS "
+# Local data files by suffix: the spec accepts these, the trainer reads them by this format.
+DATA_FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def data_file_format(path: str) -> str | None:
+    """A data file's format from its suffix (None: not a data file qlc reads)."""
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return DATA_FILE_FORMATS.get(suffix)  # one JSON object per logging step on stdout
+
 
 # ---------------------------------------------------------------------------------------------
 # Processes.

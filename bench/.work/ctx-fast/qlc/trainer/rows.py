@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qlc.compiler.plan import DataPlan, Plan
+from qlc.contract import data_file_format
 from qlc.trainer.errors import UserError
 
 Row = dict[str, Any]
@@ -169,7 +170,9 @@ def load_rows(plan: Plan, data_override: str | None, smoke_rows: int | None) -> 
     path = data_file(data, data_override)
     token = os.environ.get("HF_TOKEN") or None
     if path is not None:
-        rows, eval_rows = read_file(path, data.file_format or "jsonl"), []
+        # the format of the file read: an override (QLC_DATA_PATH) names its own by its suffix
+        file_format = data_file_format(path) or data.file_format or "jsonl"
+        rows, eval_rows = read_file(path, file_format), []
     else:
         rows = hub_rows(data, data.split, token)
         eval_rows = [] if data.eval_split is None else hub_rows(data, data.eval_split, token)
