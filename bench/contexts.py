@@ -21,6 +21,8 @@ PIPELINES = {
     "reference": {"engine": "reference", "memory": "standard"},
     "fast": {"engine": "fast", "memory": "standard"},
     "lean": {"engine": "fast", "memory": "lean"},
+    # the 4-bit base kept on the GPU, dequantized per matmul, every layer recomputed (issue 15)
+    "compact": {"engine": "fast", "memory": "compact"},
     # Data parallel (issue 8): the reference engine at 8 examples per optimizer step on 1 and 2
     # GPUs (4 per device x 2 accumulated, or 4 per device x 2 processes).
     "ddp1": {"engine": "reference", "memory": "standard", "gpus": 1, "examples_per_step": 8},

@@ -188,7 +188,7 @@ def estimate(plan: Plan, shape: ModelShape | None = None, gpu: Gpu | None = None
     result: MemoryEstimate
     if work.engine == "reference":
         result = terms.reference(work, shape)
-    elif work.lean:
+    elif work.memory in ("lean", "compact"):
         result = terms.fast_lean(work, shape)
     else:
         result = terms.fast_standard(work, shape, gpu)

@@ -256,7 +256,7 @@ class EnginePlan(Frozen):
     """One complete way to train the plan: what runs and at which precision."""
 
     name: EngineName
-    memory: Literal["standard", "lean"]
+    memory: Literal["standard", "compact", "lean"]
     path: Annotated[str, Field(description="What executes the steps.")]
     batches: Literal["padded", "padding-free"]
     base_weights: Annotated[

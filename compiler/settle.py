@@ -219,7 +219,13 @@ def precision(spec: Spec, engine: str) -> Precision:
 
 def recompute_for(spec: Spec, engine: str, subs: list[Substitution]) -> str:
     train = spec.train
-    if train.memory == "lean":
+    if train.memory == "compact" and not train.gradient_checkpointing:
+        raise SettleError(
+            "train.gradient_checkpointing",
+            'train.memory = "compact" recomputes every decoder layer: remove '
+            'gradient_checkpointing = false, or use memory = "standard"',
+        )
+    if train.memory in ("lean", "compact"):
         if not train.gradient_checkpointing:
             subs.append(
                 Substitution(
@@ -263,9 +269,11 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
     if engine == "fast":
         _check_fast(spec)
         path, batches = fast_path(spec)
-        lean = train.memory == "lean"
-        if lean:
+        lean = train.memory in ("lean", "compact")
+        if train.memory == "lean":
             base = "streamed" if runtime.gpus > 0 else "4bit"
+        elif train.memory == "compact":
+            base = "4bit"  # on the GPU, dequantized per matmul
         else:
             base = "dequantized" if batches == "padding-free" else "4bit"
         attention = (
@@ -276,6 +284,7 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
         )
         loss = "chunked" if lean and batches == "padding-free" else "full"
     else:
+        _check_reference(spec)
         path, batches = "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)", "padded"
         base, loss = "4bit", "full"
         attention = "the model's SDPA on padded batches"
@@ -292,6 +301,15 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
         optimizer=optimizer_plan(spec, subs),
         distributed=runtime.distributed,
     )
+
+
+def _check_reference(spec: Spec) -> None:
+    if spec.train.memory == "compact":
+        raise SettleError(
+            "train.memory",
+            'memory = "compact" is the fast engine\'s setting (the reference engine already '
+            'keeps the base 4-bit): use train.engine = "fast", or memory = "standard" / "lean"',
+        )
 
 
 def _check_fast(spec: Spec) -> None:

@@ -406,10 +406,14 @@ class Train(Section):
         ),
     ] = "reference"
     memory: Annotated[
-        Literal["standard", "lean"],
+        Literal["standard", "compact", "lean"],
         Field(
-            description="'lean': trade speed for peak memory (8-bit optimizer states, "
-            "checkpointing, chunked loss)."
+            description="'standard': the fastest setting (the fast engine keeps a 16-bit copy of "
+            "the dequantized base); 'compact' (fast engine): the base stays 4-bit on the GPU, "
+            "dequantized per matmul, every layer recomputed, the loss in chunks: QLoRA's memory "
+            "at the fast engine's batches; 'lean': trade speed for peak memory (8-bit optimizer "
+            "states, checkpointing, chunked loss; the fast engine streams the base from host "
+            "memory)."
         ),
     ] = "standard"
     logging_steps: Annotated[int, Field(gt=0, description="Log every N optimizer steps.")] = 25

@@ -1,8 +1,8 @@
 """QLoRA fine-tuning of "NousResearch/Llama-2-7b-chat-hf", compiled by qlc "0.1.0".
 
-spec:   "bench-reference.toml"
-sha256: "48547d6234b3b2b970b2a63c496c1c1bec5ddc14168a0ffc8f5edddecfc11791"
-engine: "reference", "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)"
+spec:   "bench-compact.toml"
+sha256: "198da27d80784b52ee7ab984ceb0fe6d078c1e65afc355aa4de056db662a9de9"
+engine: "fast", "padding-free decoder (fused q|k|v and gate|up, fused LoRA)"
 
 Rerun it: `python train.py` with plan.json beside it (or QLC_PLAN=/path/to/plan.json); the run
 directory is $QLC_OUTPUT_DIR (default ./out). The settings below are the plan's, written out to
@@ -18,20 +18,21 @@ from qlc.trainer.recipe import Run
 
 # What will run, each from the spec key named beside it.
 SETTINGS = {
-    "engine": "reference",  # train.engine
-    "memory": "standard",  # train.memory
+    "engine": "fast",  # train.engine
+    "memory": "compact",  # train.memory
     # train.engine, train.memory
-    "path": "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)",
-    "batches": "padded",  # train.engine
+    "path": "padding-free decoder (fused q|k|v and gate|up, fused LoRA)",
+    "batches": "padding-free",  # train.engine
     "base_weights": "4bit",  # train.engine, train.memory, runtime.gpus
     "recompute": "every-layer",  # train.gradient_checkpointing, train.memory
-    "attention": "the model's SDPA on padded batches",  # train.engine
-    "loss": "full",  # train.memory
+    # train.engine
+    "attention": "varlen flash attention within each example (SDPA per example where the GPU has no varlen kernel; recorded)",
+    "loss": "chunked",  # train.memory
     "distributed": "ddp",  # runtime.distributed (with several processes)
     "base_matmul_dtype": "float16",  # quantization.compute_dtype
     "adapter_weights_dtype": "float32",  # peft (LoRA weights in float32)
     "adapter_compute_dtype": "float32",  # train.mixed_precision
-    "activations_dtype": "float32",  # train.engine, quantization.compute_dtype
+    "activations_dtype": "float16",  # train.engine, quantization.compute_dtype
     "logits_dtype": "float32",  # the loss in float32
     "load_in_4bit": True,  # quantization.load_in_4bit
     "quant_type": "nf4",  # quantization.quant_type
