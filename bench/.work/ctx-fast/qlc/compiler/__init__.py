@@ -1,1 +1,0 @@
-"""The compiler: spec -> plan -> build context. Pure: no I/O beyond its own package data."""
