@@ -27,6 +27,15 @@ ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
 JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
 DATA_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+Architecture = Literal["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+ChatRole = Literal["system", "user", "assistant"]
+# data.format -> the data.* keys it reads (the others do not apply to it).
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "text": ("text_field",),
+    "instruction": ("prompt_field", "input_field", "response_field", "template"),
+    "chat": ("messages_field", "chat_template"),
+    "sharegpt": ("messages_field", "roles", "chat_template"),
+}
 URI_SCHEMES = ("s3://", "gs://", "az://")
 
 
@@ -147,8 +156,13 @@ class Model(Section):
         bool, Field(description="Run Python code shipped with the model (off: never).")
     ] = False
     architecture: Annotated[
-        Literal["llama", "mistral", "qwen2"],
-        Field(description="Architecture family: the smoke mode builds a tiny model of it."),
+        Architecture,
+        Field(
+            description="Architecture family, as the model's config.json says (model_type): "
+            "'llama' (Llama 2), 'llama3' (Llama 3.x, with its rope scaling), 'mistral', "
+            "'qwen2' (Qwen 2 / 2.5), 'qwen3', 'gemma2', 'gemma3' (text), 'phi3'. The smoke "
+            "mode builds a tiny model of it; the fast engine's path follows from it."
+        ),
     ] = "llama"
 
     @field_validator("path", "tokenizer")
@@ -165,6 +179,67 @@ class Model(Section):
         return self
 
 
+def _data_path(value: str | None) -> str | None:
+    if value is None:
+        return None
+    _input_path(value)
+    if _suffix(value) not in DATA_SUFFIXES:
+        raise ValueError(f"unsupported data file {value!r}: use one of {', '.join(DATA_SUFFIXES)}")
+    return value
+
+
+def _suffix(path: str) -> str:
+    return "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+
+
+class Source(Section):
+    """One dataset of a mixture (data.sources)."""
+
+    id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
+    path: Annotated[
+        str | None,
+        Field(
+            max_length=4096,
+            description="Local data file (.jsonl, .json, .parquet, .csv), relative to the spec "
+            "file or absolute; mounted read-only.",
+        ),
+    ] = None
+    revision: Annotated[
+        str | None, Field(pattern=REVISION, description="Hub dataset revision to pin.")
+    ] = None
+    split: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Hub split to read.")
+    ] = "train"
+    weight: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1000,
+            description="How often each of its rows is used per epoch: 1 every row once, 2 "
+            "every row twice, 0.5 a seeded half of them.",
+        ),
+    ] = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _data_path(value)
+
+    @model_validator(mode="after")
+    def _rules(self) -> Source:
+        if (self.id is None) == (self.path is None):
+            raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
+        if self.revision is not None and self.id is None:
+            raise RuleError("revision", "'revision' pins a hub dataset: use it with 'id'")
+        if self.path is not None and "split" in self.model_fields_set:
+            raise RuleError("split", "'split' names a hub dataset split; a local file is one")
+        return self
+
+    @property
+    def file_format(self) -> str | None:
+        return None if self.path is None else DATA_SUFFIXES[_suffix(self.path)]
+
+
 class Data(Section):
     id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
     path: Annotated[
@@ -175,6 +250,15 @@ class Data(Section):
             "relative to the spec file or absolute; mounted read-only.",
         ),
     ] = None
+    sources: Annotated[
+        list[Source],
+        Field(
+            max_length=64,
+            description="Several datasets mixed into one (instead of 'id' / 'path'): "
+            "[[data.sources]] tables, each with 'path' or 'id' and a 'weight'. Rows are mixed "
+            "in an order seeded by job.seed; every source has the same format and fields.",
+        ),
+    ] = []
     revision: Annotated[
         str | None,
         Field(pattern=REVISION, description="Hub dataset revision to pin."),
@@ -196,11 +280,12 @@ class Data(Section):
         ),
     ] = 0.0
     format: Annotated[
-        Literal["text", "instruction", "chat"],
+        Literal["text", "instruction", "chat", "sharegpt"],
         Field(
             description="'text': a field already rendered; 'instruction': prompt/response "
-            "fields through a named template; 'chat': a messages list through the "
-            "tokenizer's chat template."
+            "fields through a named template (Alpaca, with or without input); 'chat': a "
+            "messages list of {role, content} (OpenAI) through the chat template; 'sharegpt': "
+            "a list of {from, value} turns, roles mapped by data.roles, then as 'chat'."
         ),
     ]
     text_field: Annotated[
@@ -226,11 +311,37 @@ class Data(Section):
         Field(description="Named prompt template for the 'instruction' format."),
     ] = "alpaca"
     messages_field: Annotated[
-        str, Field(min_length=1, max_length=128, description="Messages list field ('chat').")
-    ] = "messages"
+        str | None,
+        Field(
+            min_length=1,
+            max_length=128,
+            description="Field holding the conversation ('chat': default 'messages'; "
+            "'sharegpt': default 'conversations').",
+        ),
+    ] = None
+    roles: Annotated[
+        dict[Annotated[str, Field(min_length=1, max_length=64)], ChatRole],
+        Field(
+            description="'sharegpt': a turn's 'from' value -> its chat role, added to the "
+            "defaults human -> user, gpt -> assistant, system -> system."
+        ),
+    ] = {}
+    chat_template: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=65536,
+            description="A Jinja chat template used instead of the tokenizer's ('chat', "
+            "'sharegpt'): rendered by the tokenizer's sandboxed Jinja and saved with the "
+            "adapter's tokenizer. A TOML multi-line literal string keeps it as written.",
+        ),
+    ] = None
     loss: Annotated[
         Literal["all", "completion"],
-        Field(description="'all': loss on every token; 'completion': prompt tokens masked."),
+        Field(
+            description="'all': loss on every token; 'completion': prompt tokens masked (chat: "
+            "the loss is on every assistant turn)."
+        ),
     ] = "all"
     max_length: Annotated[
         int,
@@ -243,7 +354,7 @@ class Data(Section):
     ] = False
 
     @field_validator("text_field", "prompt_field", "input_field", "response_field",
-                     "messages_field")  # fmt: skip
+                     "messages_field", "chat_template")  # fmt: skip
     @classmethod
     def _field_names(cls, value: str | None) -> str | None:
         return None if value is None else _no_nul(value)
@@ -251,20 +362,25 @@ class Data(Section):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _input_path(value)
-        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value else ""
-        if suffix not in DATA_SUFFIXES:
-            raise ValueError(
-                f"unsupported data file {value!r}: use one of {', '.join(DATA_SUFFIXES)}"
-            )
+        return _data_path(value)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            _no_nul(name)
         return value
 
     @model_validator(mode="after")
     def _rules(self) -> Data:
-        if (self.id is None) == (self.path is None):
-            raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
+        if self.sources:
+            self._mixture_rules()
+        elif (self.id is None) == (self.path is None):
+            raise RuleError(
+                "id",
+                "set exactly one of 'id' (hub dataset) or 'path' (local file), or several "
+                "[[data.sources]]",
+            )
         if self.revision is not None and self.id is None:
             raise RuleError(
                 "revision", "'revision' pins a hub dataset: use it with 'id', not 'path'"
@@ -275,15 +391,33 @@ class Data(Section):
             raise RuleError(
                 "loss",
                 'loss = "completion" needs a prompt/response boundary: use format '
-                '"instruction" or "chat", or loss = "all" for format "text"',
+                '"instruction", "chat" or "sharegpt", or loss = "all" for format "text"',
             )
         return self
+
+    def _mixture_rules(self) -> None:
+        if self.id is not None or self.path is not None:
+            key = "id" if self.id is not None else "path"
+            raise RuleError(key, f"set 'sources' or '{key}', not both: list it as a source")
+        for key in ("split", "eval_split"):
+            if key in self.model_fields_set:
+                raise RuleError(
+                    key,
+                    f"'{key}' does not apply to data.sources: set each source's split, and "
+                    "hold out evaluation rows with data.eval_fraction",
+                )
+
+    def inapplicable_keys(self) -> list[str]:
+        """Keys this spec sets that its data.format never reads (each one a warning)."""
+        reads = FORMAT_KEYS[self.format]
+        return [key for keys in FORMAT_KEYS.values() for key in keys
+                if key not in reads and key in self.model_fields_set]  # fmt: skip
 
     @property
     def file_format(self) -> str | None:
         if self.path is None:
             return None
-        return DATA_SUFFIXES["." + self.path.rsplit(".", 1)[-1].lower()]
+        return DATA_SUFFIXES[_suffix(self.path)]
 
     @property
     def has_eval(self) -> bool:

@@ -31,7 +31,8 @@ from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
 from qlc.trainer.examples import Prepared, prepare, prompt_ids, show_example
 from qlc.trainer.model import ModelSource, build_smoke_model, load_tokenizer, model_source
-from qlc.trainer.rows import load_rows
+from qlc.trainer.render import check_sources
+from qlc.trainer.rows import SourceRows, load_rows
 from qlc.trainer.runenv import RunEnv
 from qlc.trainer.types import (
     Decisions,
@@ -93,6 +94,7 @@ class Data:
     tokenizer: Any
     source: ModelSource
     local_data: str | None
+    sources: list[SourceRows] = field(default_factory=list)  # a mixture's
 
     @property
     def held_out_prompt(self) -> str:
@@ -193,7 +195,9 @@ class Run:
         if env.writes:
             shutil.rmtree(env.output_dir / contract.ADAPTER_STAGING_DIR, ignore_errors=True)
         seed_everything(plan.job.seed, plan.job.deterministic)
-        rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None)
+        rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None,
+                         env.input_paths)  # fmt: skip
+        check_sources(rows, plan.data)
         if env.smoke:
             source = self.smoke_model(rows.train)
         else:
@@ -206,7 +210,7 @@ class Run:
             contract.write_json_atomic(env.output_dir / contract.DATA_REPORT_FILE, report)
             self.say("data: " + json.dumps(train.report))
             self.say(show_example(train.rendered[0], train.examples[0], tokenizer))
-        return Data(train, held, tokenizer, source, rows.local_file)
+        return Data(train, held, tokenizer, source, rows.local_file, rows.sources)
 
     def scale_to_world(self) -> None:
         """The plan's schedule for the processes that actually train (its own rule)."""
@@ -248,10 +252,10 @@ class Run:
             "model": provenance.input_record(
                 model_id, source.revision, source.path_or_id if source.local else None, "model"
             ),
-            "data": provenance.input_record(
-                plan.data.hub_id, plan.data.revision, data.local_data, "dataset"
-            ),
-        }
+            "data": provenance.mixture_record(data.sources) if data.sources else
+            provenance.input_record(plan.data.hub_id, plan.data.revision, data.local_data,
+                                    "dataset"),
+        }  # fmt: skip
 
     def train(self, model: Any, data: Data) -> TrainResult:
         env, plan = self.env, self.plan
