@@ -18,7 +18,7 @@ This module imports pydantic and the contract only: the image carries it beside 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -170,13 +170,19 @@ class DataPlan(Frozen):
         """Rows are conversations rendered by a chat template."""
         return self.format in ("chat", "sharegpt")
 
-    def local_files(self) -> list[tuple[str, str]]:
-        """(spec key, path as written) of every local data file: what the launch path finds,
-        mounts and hands the trainer, and what an exported job cannot read."""
+    def local_files(self) -> list[LocalFile]:
+        """Every local data file: what the launch path finds, mounts and hands the trainer,
+        what `qlc validate --inputs` reads, and what an exported job cannot read."""
         if self.local_path is not None:
-            return [("data.path", self.local_path)]
-        return [(source_key(i), s.local_path)
+            return [LocalFile("data.path", self.local_path, self.file_format or "jsonl")]
+        return [LocalFile(source_key(i), s.local_path, s.file_format or "jsonl")
                 for i, s in enumerate(self.sources) if s.local_path is not None]  # fmt: skip
+
+
+class LocalFile(NamedTuple):
+    key: str  # the spec key that names it
+    path: str  # as written (relative to the spec file)
+    file_format: str
 
 
 def source_key(index: int) -> str:
@@ -448,7 +454,11 @@ class Plan(Frozen):
             ("data_format", d.format, "data.format"),
             ("data_sources", _sources_text(d), "data.sources (path or id, weight)"),
             ("chat_template", _template_text(d), "data.chat_template, else the tokenizer's"),
-            ("roles", d.roles or None, "data.roles over the ShareGPT defaults"),
+            (
+                "roles",
+                [f"{k} -> {v}" for k, v in d.roles.items()] or None,
+                "data.roles over the ShareGPT defaults",
+            ),
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),

@@ -140,7 +140,9 @@ def data_plan(spec: Spec) -> DataPlan:
         response_field=data.response_field,
         template=data.template,
         messages_field=data.messages_field or MESSAGES_FIELDS.get(data.format, "messages"),
-        roles={**SHAREGPT_ROLES, **data.roles} if data.format == "sharegpt" else {},
+        roles=dict(sorted({**SHAREGPT_ROLES, **data.roles}.items()))
+        if data.format == "sharegpt"
+        else {},
         chat_template=data.chat_template,
         loss=data.loss,
         max_length=data.max_length,

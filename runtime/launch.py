@@ -66,8 +66,8 @@ def local_inputs(plan: Plan, spec_dir: Path, where: str) -> LocalInputs:
         data_file = _local(spec_dir, plan.data.local_path, "data.path", where, want_dir=False)
     if plan.model.tokenizer is not None and (spec_dir / plan.model.tokenizer).is_dir():
         tokenizer_dir = (spec_dir / plan.model.tokenizer).resolve()
-    files = {key: _local(spec_dir, value, key, where, want_dir=False)
-             for key, value in plan.data.local_files() if key != "data.path"}  # fmt: skip
+    files = {file.key: _local(spec_dir, file.path, file.key, where, want_dir=False)
+             for file in plan.data.local_files() if file.key != "data.path"}  # fmt: skip
     return LocalInputs(model_dir, data_file, tokenizer_dir, files)
 
 
