@@ -410,8 +410,8 @@ class Data(Section):
     def inapplicable_keys(self) -> list[str]:
         """Keys this spec sets that its data.format never reads (each one a warning)."""
         reads = FORMAT_KEYS[self.format]
-        return [key for keys in FORMAT_KEYS.values() for key in keys
-                if key not in reads and key in self.model_fields_set]  # fmt: skip
+        known = dict.fromkeys(key for keys in FORMAT_KEYS.values() for key in keys)
+        return [key for key in known if key not in reads and key in self.model_fields_set]
 
     @property
     def file_format(self) -> str | None:

@@ -172,6 +172,7 @@ def train_smoke_tokenizer(texts: list[str], out: Path) -> None:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
+        pad_token="<unk>",  # named: a model-specific tokenizer class would add one of its own
         clean_up_tokenization_spaces=False,
     )
     wrapped.chat_template = SMOKE_CHAT_TEMPLATE
