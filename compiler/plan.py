@@ -165,6 +165,16 @@ class DataPlan(Frozen):
     def has_eval(self) -> bool:
         return self.eval_split is not None or self.eval_fraction > 0
 
+    def fields_read(self) -> list[str]:
+        """`key = field` of each row field data.format reads (what `qlc explain` shows)."""
+        keys: list[tuple[str, str | None]] = [("messages_field", self.messages_field)]
+        if self.format == "text":
+            keys = [("text_field", self.text_field)]
+        elif self.format == "instruction":
+            keys = [("prompt_field", self.prompt_field), ("input_field", self.input_field),
+                    ("response_field", self.response_field)]  # fmt: skip
+        return [f"{key} = {name}" for key, name in keys if name is not None]
+
     @property
     def conversational(self) -> bool:
         """Rows are conversations rendered by a chat template."""
@@ -452,13 +462,8 @@ class Plan(Frozen):
             ("examples_per_step", s.examples_per_step, "batch_size x grad_accum x world_size"),
             ("group_by_length", s.group_by_length, "train.group_by_length"),
             ("data_format", d.format, "data.format"),
-            ("data_sources", _sources_text(d), "data.sources (path or id, weight)"),
+            ("data_source_weights", _weights(d), "data.sources[*].weight"),
             ("chat_template", _template_text(d), "data.chat_template, else the tokenizer's"),
-            (
-                "roles",
-                [f"{k} -> {v}" for k, v in d.roles.items()] or None,
-                "data.roles over the ShareGPT defaults",
-            ),
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),
@@ -523,10 +528,8 @@ class Plan(Frozen):
         )
 
 
-def _sources_text(data: DataPlan) -> list[str] | None:
-    if not data.sources:
-        return None
-    return [f"{source.name} x {source.weight:g}" for source in data.sources]
+def _weights(data: DataPlan) -> list[float] | None:
+    return [source.weight for source in data.sources] or None
 
 
 def _template_text(data: DataPlan) -> str | None:

@@ -21,6 +21,7 @@ from rich.table import Table
 from qlc import __version__
 from qlc.compiler.explain import (
     explain,
+    input_lines,
     memory_json,
     memory_lines,
     settings_json,
@@ -270,7 +271,7 @@ def explain_command(
         out.print_json(json.dumps({**settings_json(plan), "spec": shown, "memory": memory_out}))
         return
     print_warnings([str(w) for w in warnings])
-    out.print("\n".join(settings_lines(plan)) + "\n", markup=False)
+    out.print("\n".join(settings_lines(plan) + input_lines(plan)) + "\n", markup=False)
     if out.is_terminal:
         table = Table("key", "value", "from", "meaning", title=f"{spec}: every spec value")
         for row in rows:

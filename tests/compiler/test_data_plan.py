@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from qlc.compiler.context import plan_spec
-from qlc.compiler.explain import settings_lines
+from qlc.compiler.explain import input_json, input_lines, settings_lines
 from qlc.compiler.load import SpecError
 from qlc.compiler.plan import Plan
 from qlc.compiler.resolve import ResolveError, resolve
@@ -56,6 +56,11 @@ def test_sharegpt_reads_conversations_and_maps_roles_over_the_defaults() -> None
     assert plan_with(data={"format": "sharegpt", "roles": {"gpt": "user"}}).data.roles["gpt"] == (
         "user"
     )
+    assert input_lines(plan)[2:4] == [
+        "  format: sharegpt; fields: messages_field = conversations",
+        "  roles (ShareGPT 'from' -> chat role): bot -> assistant, gpt -> assistant, "
+        "human -> user, system -> system",
+    ]
     chat = plan_with(data={"format": "chat"})
     assert chat.data.messages_field == "messages" and chat.data.roles == {}
     named = plan_with(data={"format": "sharegpt", "messages_field": "turns"})
@@ -92,7 +97,12 @@ def test_mixture_sources_are_planned_with_their_weights_and_local_files() -> Non
         ("data.sources[2].path", "c.parquet", "parquet"),
     ]
     settings = {row.name: row.value for row in plan.settings()}
-    assert settings["data_sources"] == ["a.jsonl x 2", "org/b (extra) x 1", "c.parquet x 0.5"]
+    assert settings["data_source_weights"] == [2.0, 1.0, 0.5]  # no user text in train.py
+    assert input_lines(plan)[1:4] == [
+        "  data: a.jsonl x 2",
+        "  data: org/b (extra) x 1",
+        "  data: c.parquet x 0.5",
+    ]
     assert plan_with().data.local_files()[0].key == "data.path"
 
 
@@ -197,6 +207,7 @@ def test_each_architecture_names_its_model_types_and_fast_path(architecture: str
     else:
         assert plan.engine.batches == "padding-free" and path.startswith("padding-free")
     assert any(path in line for line in settings_lines(plan))  # qlc explain shows it
+    assert input_json(plan)["model_types"] == list(MODEL_TYPES[architecture])
 
 
 def test_gemma3_accepts_the_text_and_the_multimodal_config() -> None:
