@@ -78,11 +78,18 @@ def init_spec(data: Path | None, model: str | None, output: Path | None) -> Writ
     detected = detect(data) if data is not None else no_data()
     text = spec_text(name, data_lines(data, base, detected), model_lines(model, base), gpu())
     try:
-        plan_spec(text.encode(), str(path))
-    except SpecError as error:  # qlc's own text: a bug if it ever happens
-        raise AssertionError(f"qlc init wrote a spec that does not validate:\n{error}") from None
-    with open(path, "x", encoding="utf-8") as handle:  # "x": never over an existing file
-        handle.write(text)
+        source = text.encode("utf-8")
+        plan_spec(source, str(path))
+    except UnicodeEncodeError:
+        raise InitError("a path given is not UTF-8 text: rename it") from None
+    except SpecError as error:  # what the data named (a field name) cannot be a spec value
+        raise InitError(f"the detected values do not make a valid spec:\n{error}") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as handle:  # "x": never over an existing file
+            handle.write(source)
+    except OSError as error:
+        raise InitError(f"{path}: cannot write it: {error.strerror}") from None
     spec = str(path)
     commands = [f"qlc validate --inputs {spec}", f"qlc data {spec}", f"qlc run {spec} --local"]
     return Written(path, detected, commands)
@@ -255,8 +262,10 @@ def _section(name: str, model: Any, values: dict[str, Any]) -> list[str]:
 
 def _toml(value: Any) -> str:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)  # strings, numbers and booleans are written alike in TOML
+        return "{ " + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, str):  # JSON's escapes are TOML's; TOML also escapes DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return json.dumps(value)  # numbers and booleans are written alike in TOML
 
 
 def spec_text(name: str, data: list[str], model: list[str], has_gpu: bool) -> str:

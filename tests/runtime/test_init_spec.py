@@ -120,6 +120,16 @@ def test_an_existing_file_is_never_replaced(tmp_path: Path) -> None:
     assert Path("d.toml").read_text() == "mine"
 
 
+def test_hostile_names_stay_values_or_are_refused(tmp_path: Path) -> None:
+    odd = tmp_path / 'dé\x7f 😀 "q".jsonl'
+    plan = planned(init_spec(jsonl(odd, [{"body\u2028x": "some text"}]), None,
+                             Path("sub/dir/s.toml")).path)  # fmt: skip
+    assert plan.data.local_path == str(odd) and plan.data.text_field == "body\u2028x"
+    with pytest.raises(InitError, match="the detected values do not make a valid spec"):
+        init_spec(jsonl(tmp_path / "n.jsonl", [{"te\x00xt": "a"}]), None, None)
+    assert not Path("n.toml").exists()
+
+
 def test_rows_of_no_known_shape_are_refused_with_what_qlc_reads(tmp_path: Path) -> None:
     with pytest.raises(InitError, match="cannot tell its format from the first rows"):
         init_spec(jsonl(tmp_path / "d.jsonl", [{"n": 1, "m": [1, 2]}]), None, None)

@@ -22,6 +22,7 @@ from qlc.compiler.shapes import PROJECTIONS, shape_from_config
 from qlc.trainer.model import SMOKE_ARCHITECTURES, smoke_config
 
 ARCHITECTURES = sorted(MODEL_TYPES)
+FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's projections
 Trained = tuple[Path, list[dict[str, Any]]]  # the run's folder, its training steps' records
 TRAIN = (
     '[quantization]\ncompute_dtype = "float32"\n[lora]\nr = 8\nalpha = 16\ndropout = 0.0\n'
@@ -67,6 +68,19 @@ def test_the_shape_from_config_counts_the_parameters_transformers_builds(
     assert shape.embedding_params == embeddings  # one matrix when tied
     assert sum(p.numel() for p in named.values()) == linear + norms + embeddings + bias
     assert shape.tied_embeddings == config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_memory_estimate_reads_each_architecture_s_config(architecture: str) -> None:
+    from qlc.compiler.memory import estimate
+
+    shape = shape_from_config(smoke_config(architecture).to_dict(), "config.json")
+    terms = {t.key: t for t in estimate(arch_plan(architecture), shape).terms}
+    lora = arch_plan(architecture).lora
+    weights = shape.layers * sum(
+        lora.r * (a + b) for a, b in map(shape.projection, FUSED if architecture == "phi3"
+                                         else PROJECTIONS))  # fmt: skip
+    assert terms["lora.weights"].bytes == weights * 4  # float32, on the model's own modules
 
 
 def test_a_multimodal_gemma3_config_is_read_from_its_text_config() -> None:
