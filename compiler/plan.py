@@ -157,6 +157,10 @@ class DataPlan(Frozen):
         str | None,
         Field(description="data.chat_template: used instead of the tokenizer's template."),
     ]
+    chat_template_file: Annotated[
+        str | None,
+        Field(description="data.chat_template_file (as written): read by the run, hashed."),
+    ]
     loss: Literal["all", "completion"]
     max_length: int
     packing: bool
@@ -188,11 +192,20 @@ class DataPlan(Frozen):
         return [LocalFile(source_key(i), s.local_path, s.file_format or "jsonl")
                 for i, s in enumerate(self.sources) if s.local_path is not None]  # fmt: skip
 
+    def local_inputs(self) -> list[LocalFile]:
+        """Every local file the run reads: the data files and a chat template file."""
+        template = self.chat_template_file
+        extra = [] if template is None else [LocalFile(TEMPLATE_KEY, template, "jinja")]
+        return [*self.local_files(), *extra]
+
 
 class LocalFile(NamedTuple):
     key: str  # the spec key that names it
     path: str  # as written (relative to the spec file)
     file_format: str
+
+
+TEMPLATE_KEY = "data.chat_template_file"
 
 
 def source_key(index: int) -> str:
@@ -463,7 +476,7 @@ class Plan(Frozen):
             ("group_by_length", s.group_by_length, "train.group_by_length"),
             ("data_format", d.format, "data.format"),
             ("data_source_weights", _weights(d), "data.sources[*].weight"),
-            ("chat_template", _template_text(d), "data.chat_template, else the tokenizer's"),
+            ("chat_template", _template_text(d), "data.chat_template(_file), else the tokenizer's"),
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),
@@ -535,6 +548,8 @@ def _weights(data: DataPlan) -> list[float] | None:
 def _template_text(data: DataPlan) -> str | None:
     if not data.conversational:
         return None
+    if data.chat_template_file is not None:
+        return "data.chat_template_file (its sha256 in the manifest's inputs)"
     if data.chat_template is None:
         return "the tokenizer's"
     digest = sha256_bytes(data.chat_template.encode())

@@ -144,6 +144,7 @@ def data_plan(spec: Spec) -> DataPlan:
         if data.format == "sharegpt"
         else {},
         chat_template=data.chat_template,
+        chat_template_file=data.chat_template_file,
         loss=data.loss,
         max_length=data.max_length,
         packing=data.packing,

@@ -33,8 +33,8 @@ ChatRole = Literal["system", "user", "assistant"]
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "text": ("text_field",),
     "instruction": ("prompt_field", "input_field", "response_field", "template"),
-    "chat": ("messages_field", "chat_template"),
-    "sharegpt": ("messages_field", "roles", "chat_template"),
+    "chat": ("messages_field", "chat_template", "chat_template_file"),
+    "sharegpt": ("messages_field", "roles", "chat_template", "chat_template_file"),
 }
 URI_SCHEMES = ("s3://", "gs://", "az://")
 
@@ -336,6 +336,15 @@ class Data(Section):
             "adapter's tokenizer. A TOML multi-line literal string keeps it as written.",
         ),
     ] = None
+    chat_template_file: Annotated[
+        str | None,
+        Field(
+            max_length=4096,
+            description="A file holding that Jinja chat template (relative to the spec file or "
+            "absolute), instead of 'chat_template': read at run time like a data file, its hash "
+            "recorded in the manifest.",
+        ),
+    ] = None
     loss: Annotated[
         Literal["all", "completion"],
         Field(
@@ -364,6 +373,11 @@ class Data(Section):
     def _path(cls, value: str | None) -> str | None:
         return _data_path(value)
 
+    @field_validator("chat_template_file")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        return None if value is None else _input_path(value)
+
     @field_validator("roles")
     @classmethod
     def _roles(cls, value: dict[str, str]) -> dict[str, str]:
@@ -387,6 +401,10 @@ class Data(Section):
             )
         if self.eval_split is not None and self.eval_fraction > 0:
             raise RuleError("eval_fraction", "set 'eval_split' or 'eval_fraction', not both")
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise RuleError(
+                "chat_template_file", "set 'chat_template' (the text) or 'chat_template_file'"
+            )
         if self.loss == "completion" and self.format == "text":
             raise RuleError(
                 "loss",

@@ -25,7 +25,8 @@ ENV_OUTPUT_DIR = "QLC_OUTPUT_DIR"  # the run directory
 ENV_MODEL_PATH = "QLC_MODEL_PATH"  # where a local model.path is mounted or found
 ENV_DATA_PATH = "QLC_DATA_PATH"  # where a local data.path is mounted or found
 # The other local inputs, as a JSON object {spec key: path where it is mounted or found}:
-# each data.sources[N].path of a mixture ("data.sources[0].path": "/inputs/sources/0/a.jsonl").
+# each data.sources[N].path of a mixture, data.chat_template_file
+# ({"data.sources[0].path": "/inputs/files/0/a.jsonl"}).
 ENV_INPUT_PATHS = "QLC_INPUT_PATHS"
 ENV_SMOKE = "QLC_SMOKE"  # "1": the plan's smoke variant (tiny model of the same architecture)
 ENV_NPROC = "QLC_NPROC"  # training processes on this node (CPU runs: gloo processes)

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from qlc.compiler.plan import Plan
-from qlc.runtime.launch import LaunchError, host_input_paths, local_inputs
+from qlc.runtime.launch import LaunchError, LocalInputs, host_input_paths, local_inputs
 from qlc.trainer.errors import UserError
 from qlc.trainer.examples import Encoded, Prepared, encode, prepare
 from qlc.trainer.rows import Rows, load_rows
@@ -88,7 +88,7 @@ def preview(plan: Plan, spec_path: Path, shown: int, sample: int = DEFAULT_SAMPL
         from qlc.trainer.render import check_sources
 
         check_sources(rows, plan.data)
-        tokenizer = preview_tokenizer(plan, local.model_dir, local.tokenizer_dir)
+        tokenizer = preview_tokenizer(plan, local)
         train = prepare(rows.train[:sample], plan.data, tokenizer, rows.source, "train")
         held = rows.eval[:sample]
         evals = prepare(held, plan.data, tokenizer, rows.source, "eval") if held else None
@@ -122,16 +122,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def preview_tokenizer(plan: Plan, model_dir: Path | None, tokenizer_dir: Path | None) -> Any:
-    """The tokenizer as the trainer loads it (data.chat_template applied); a hub one needs
-    the hub (its error says so)."""
+def preview_tokenizer(plan: Plan, local: LocalInputs) -> Any:
+    """The tokenizer as the trainer loads it (the spec's chat template applied); a hub one
+    needs the hub (its error says so)."""
     from qlc.trainer.model import load_tokenizer, model_source
 
-    if tokenizer_dir is not None:
-        model = plan.model.model_copy(update={"tokenizer": str(tokenizer_dir)})
+    if local.tokenizer_dir is not None:
+        model = plan.model.model_copy(update={"tokenizer": str(local.tokenizer_dir)})
         plan = plan.model_copy(update={"model": model})
-    source = model_source(plan.model, str(model_dir) if model_dir else None)
-    return load_tokenizer(plan, source)
+    source = model_source(plan.model, str(local.model_dir) if local.model_dir else None)
+    return load_tokenizer(plan, source, host_input_paths(local))
 
 
 def shown_example(prepared: Prepared, index: int, tokenizer: Any) -> Shown:

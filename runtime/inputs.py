@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlc.compiler.plan import Plan
+from qlc.compiler.plan import TEMPLATE_KEY, Plan
 from qlc.trainer.errors import UserError
 from qlc.trainer.render import fields_of, unusable
 from qlc.trainer.rows import Row, head_rows, shown_rows
@@ -41,6 +41,7 @@ class Found:
     model_dir: Path | None
     tokenizer_dir: Path | None
     data_files: list[tuple[str, Path, str]]  # (spec key, file, format) of the ones that exist
+    input_paths: dict[str, str]  # the other local inputs found, as the trainer is told of them
 
 
 def check_inputs(plan: Plan, spec_path: Path, quick: bool = False) -> InputsReport:
@@ -72,14 +73,16 @@ def find_inputs(plan: Plan, base: Path, report: InputsReport) -> Found:
     if tokenizer is not None and (base / tokenizer).is_dir():
         tokenizer_dir = (base / tokenizer).resolve()
     data = plan.data
-    files = []
-    for file in data.local_files():
+    files, others = [], {}
+    for file in data.local_inputs():
         path = _existing(base, file.key, file.path, False, report)
-        if path is not None:
+        if path is not None and file.key == TEMPLATE_KEY:
+            others[file.key] = str(path)
+        elif path is not None:
             files.append((file.key, path, file.file_format))
     hub = [s.hub_id for s in data.sources if s.hub_id] or ([data.hub_id] if data.hub_id else [])
     report.checked += [f"dataset {name!r}: on the hub (not checked here)" for name in hub]
-    return Found(model_dir, tokenizer_dir, files)
+    return Found(model_dir, tokenizer_dir, files, others)
 
 
 def _existing(
@@ -200,4 +203,4 @@ def local_tokenizer(plan: Plan, found: Found) -> Any:
     elif found.model_dir is None:
         return None
     source = ModelSource(str(found.model_dir or found.tokenizer_dir), None, local=True)
-    return load_tokenizer(plan, source)
+    return load_tokenizer(plan, source, found.input_paths)

@@ -67,7 +67,7 @@ def local_inputs(plan: Plan, spec_dir: Path, where: str) -> LocalInputs:
     if plan.model.tokenizer is not None and (spec_dir / plan.model.tokenizer).is_dir():
         tokenizer_dir = (spec_dir / plan.model.tokenizer).resolve()
     files = {file.key: _local(spec_dir, file.path, file.key, where, want_dir=False)
-             for file in plan.data.local_files() if file.key != "data.path"}  # fmt: skip
+             for file in plan.data.local_inputs() if file.key != "data.path"}  # fmt: skip
     return LocalInputs(model_dir, data_file, tokenizer_dir, files)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from qlc.compiler.plan import Plan, source_key
+from qlc.compiler.plan import TEMPLATE_KEY, Plan, source_key
 from qlc.contract import PLAN_FILE, hash_tree, sha256_file, source_file_name
 from qlc.runtime.docker_engine import DockerEngine, Engine, ImageInfo, PullError
 from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest
@@ -110,8 +110,12 @@ def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict
     if inputs.local.data_file is not None:
         then = (recorded.get("data") or {}).get("files") or {}
         verdicts.append(compare_files("data hash", then, hash_tree(inputs.local.data_file)))
-    if inputs.local.files:  # a mixture's local sources, as the trainer recorded them
+    if any(source_key(i) in inputs.local.files for i in range(len(inputs.plan.data.sources))):
         verdicts.append(mixture_verdict(inputs, (recorded.get("data") or {}).get("files") or {}))
+    if TEMPLATE_KEY in inputs.local.files:
+        then = (recorded.get("chat_template") or {}).get("files") or {}
+        now = hash_tree(inputs.local.files[TEMPLATE_KEY])
+        verdicts.append(compare_files("chat template hash", then, now))
     return verdicts
 
 

@@ -116,7 +116,7 @@ def run_inputs(plan: Plan, spec_path: Path | None, project: Path) -> RunInputs:
             "directory; use `qlc export` for batch services"
         )
     base = spec_path.resolve().parent if spec_path is not None else project
-    has_local = plan.model.local_path is not None or bool(plan.data.local_files())
+    has_local = plan.model.local_path is not None or bool(plan.data.local_inputs())
     if spec_path is None and has_local:
         raise RunInputError(
             f"the image of job {plan.job.name} reads local files (model.path / data.path) "

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlc.compiler.plan import LoraPlan, ModelPlan, Plan, QuantizationPlan
+from qlc.compiler.plan import TEMPLATE_KEY, LoraPlan, ModelPlan, Plan, QuantizationPlan
 from qlc.trainer.errors import UserError
 from qlc.trainer.formats import SMOKE_CHAT_TEMPLATE
 
@@ -121,7 +121,28 @@ def hub_failure(what: str, error: BaseException) -> UserError:
     )
 
 
-def load_tokenizer(plan: Plan, source: ModelSource) -> Any:
+def chat_template_of(plan: Plan, input_paths: Mapping[str, str] | None) -> str | None:
+    """The chat template the spec asks for instead of the tokenizer's: data.chat_template, or
+    the text of data.chat_template_file (where the launch path says it is; None: neither)."""
+    data = plan.data
+    inline: str | None = data.chat_template
+    if data.chat_template_file is None:
+        return inline
+    path: str = (input_paths or {}).get(TEMPLATE_KEY) or data.chat_template_file
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(
+            f"chat template file {path!r}: cannot read it ({error.strerror}; relative paths "
+            f"start at {Path.cwd()}; the runtime passes the spec's data.chat_template_file)"
+        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"chat template file {path!r} is not UTF-8 text") from None
+
+
+def load_tokenizer(
+    plan: Plan, source: ModelSource, input_paths: Mapping[str, str] | None = None
+) -> Any:
     from transformers import AutoTokenizer
 
     override = plan.model.tokenizer
@@ -139,8 +160,9 @@ def load_tokenizer(plan: Plan, source: ModelSource) -> Any:
         raise hub_failure(f"the tokenizer {name!r}", error) from None
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; qlc trains every example to end with it")
-    if plan.data.chat_template is not None:  # rendered by the tokenizer's sandboxed Jinja
-        tokenizer.chat_template = plan.data.chat_template
+    template = chat_template_of(plan, input_paths)
+    if template is not None:  # rendered by the tokenizer's sandboxed Jinja, saved with it
+        tokenizer.chat_template = template
     if tokenizer.pad_token is None:  # labels, not the pad id, decide what is trained
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from qlc import contract
-from qlc.compiler.plan import SMOKE_ROWS, Plan
+from qlc.compiler.plan import SMOKE_ROWS, TEMPLATE_KEY, Plan
 from qlc.trainer import launch, provenance
 from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
@@ -202,7 +202,7 @@ class Run:
             source = self.smoke_model(rows.train)
         else:
             source = model_source(plan.model, env.model_path)
-        tokenizer = load_tokenizer(plan, source)
+        tokenizer = load_tokenizer(plan, source, env.input_paths)
         train = prepare(rows.train, plan.data, tokenizer, rows.source, "train")
         held = prepare(rows.eval, plan.data, tokenizer, rows.source, "eval") if rows.eval else None
         if env.writes:
@@ -256,6 +256,10 @@ class Run:
             provenance.input_record(plan.data.hub_id, plan.data.revision, data.local_data,
                                     "dataset"),
         }  # fmt: skip
+        if plan.data.chat_template_file is not None:
+            path = self.env.input_paths.get(TEMPLATE_KEY) or plan.data.chat_template_file
+            inputs = self.manifest["predicate"]["inputs"]
+            inputs["chat_template"] = provenance.input_record(None, None, path, "file")
 
     def train(self, model: Any, data: Data) -> TrainResult:
         env, plan = self.env, self.plan

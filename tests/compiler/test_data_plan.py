@@ -185,6 +185,25 @@ def test_chat_template_override_is_in_the_plan_and_named_by_its_hash() -> None:
     assert {r.name: r.value for r in text.settings()}["chat_template"] is None
 
 
+def test_a_chat_template_file_is_a_local_input_of_the_plan() -> None:
+    plan = plan_with(data={"chat_template_file": "t/chat.jinja", "format": "sharegpt"})
+    assert plan.data.chat_template_file == "t/chat.jinja" and plan.data.chat_template is None
+    assert [tuple(f) for f in plan.data.local_inputs()] == [
+        ("data.path", "d.jsonl", "jsonl"),
+        ("data.chat_template_file", "t/chat.jinja", "jinja"),
+    ]
+    assert plan.data.local_files() == plan.data.local_inputs()[:1]  # data files only
+    settings = {row.name: row.value for row in plan.settings()}
+    assert settings["chat_template"] == (
+        "data.chat_template_file (its sha256 in the manifest's inputs)"
+    )  # no path in train.py
+    message = spec_error(
+        HEAD + '[data]\npath = "d.jsonl"\nformat = "chat"\n'
+        'chat_template = "x"\nchat_template_file = "t.jinja"\n'
+    )
+    assert "data.chat_template_file: set 'chat_template' (the text) or" in message
+
+
 def test_alpaca_without_input_and_completion_loss_on_text_refused() -> None:
     plan = plan_with(data={"format": "instruction", "loss": "completion"})
     assert plan.data.input_field is None and plan.data.template == "alpaca"

@@ -140,6 +140,24 @@ def test_a_template_without_the_completion_mask_is_named_with_the_alternative(
     assert 'use data.loss = "all"' in err
 
 
+def test_a_chat_template_file_is_found_and_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = project(
+        tmp_path,
+        "chat.toml",
+        **{'loss = "completion"': 'loss = "completion"\nchat_template_file = "t/chat.jinja"'},
+    )
+    code, _, err = call_cli(["validate", "--inputs", str(spec)], capsys)
+    assert code == 2 and "data.chat_template_file = 't/chat.jinja': no such file" in err
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "chat.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    )
+    code, _, err = call_cli(["validate", "--inputs", str(spec)], capsys)
+    assert code == 2 and "the chat template does not render a conversation as the prefix" in err
+
+
 def test_qlc_run_stops_on_a_wrong_field_before_building(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

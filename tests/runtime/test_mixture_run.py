@@ -1,8 +1,8 @@
-"""A mixture of local sources through the one launch path: each source found beside the spec,
-mounted read-only in a container and named to the trainer (QLC_INPUT_PATHS), refused by export;
-and a real `qlc run --local` of a mixture with a chat-template override: the manifest records
-each source's hash and weight, the adapter's tokenizer keeps the template, reproduce compares
-the sources."""
+"""A mixture of local sources and a chat-template file through the one launch path: each found
+beside the spec, mounted read-only in a container and named to the trainer (QLC_INPUT_PATHS),
+refused by export; and a real `qlc run --local` of it: the manifest records each source's hash
+and weight and the template's hash, the adapter's tokenizer keeps the template, reproduce
+compares them."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CHATML = (
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-SPEC = f"""[job]
+SPEC = """[job]
 name = "mix"
 seed = 9
 deterministic = true
@@ -40,7 +40,7 @@ path = "tiny/model"
 format = "chat"
 loss = "completion"
 max_length = 96
-chat_template = {json.dumps(CHATML)}
+chat_template_file = "templates/chatml.jinja"
 
 [[data.sources]]
 path = "chat/data.jsonl"
@@ -80,6 +80,8 @@ def mixture(tmp_path: Path) -> Path:
                           {"role": "assistant", "content": " ".join(map(str, range(1, i + 2)))}]}
             for i in range(8)]  # fmt: skip
     (tmp_path / "more" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chatml.jinja").write_text(CHATML)
     spec = tmp_path / "mix.toml"
     spec.write_text(SPEC)
     return spec
@@ -110,13 +112,15 @@ def record(spec: Path) -> BuildRecord:
 
 def test_each_source_is_mounted_read_only_and_named_to_the_trainer(mixture: Path) -> None:
     inputs = run_inputs(tiny_plan(mixture), mixture, mixture.parent)
-    assert set(inputs.local.files) == {"data.sources[0].path", "data.sources[1].path"}
+    assert set(inputs.local.files) == {"data.sources[0].path", "data.sources[1].path",
+                                       "data.chat_template_file"}  # fmt: skip
     request = container_request(record(mixture), inputs, mixture.parent / "run", "1000:1000",
                                 smoke=False, environ={})  # fmt: skip
     mounts = {m.target: m for m in request.mounts}
     named = json.loads(request.environment[contract.ENV_INPUT_PATHS])
-    assert named == {"data.sources[0].path": "/inputs/files/0/data.jsonl",
-                     "data.sources[1].path": "/inputs/files/1/data.jsonl"}  # fmt: skip
+    assert named == {"data.chat_template_file": "/inputs/files/0/chatml.jinja",
+                     "data.sources[0].path": "/inputs/files/1/data.jsonl",
+                     "data.sources[1].path": "/inputs/files/2/data.jsonl"}  # fmt: skip
     for key, target in named.items():
         assert mounts[target].read_only and Path(mounts[target].source) == inputs.local.files[key]
     assert contract.ENV_DATA_PATH not in request.environment
@@ -128,8 +132,14 @@ def test_each_source_is_mounted_read_only_and_named_to_the_trainer(mixture: Path
 
 def test_a_missing_source_is_named_and_export_refuses_local_sources(mixture: Path) -> None:
     plan = tiny_plan(mixture)
-    with pytest.raises(ExportError, match=r"data\.sources\[0\]\.path = 'chat/data\.jsonl'"):
+    with pytest.raises(
+        ExportError, match=r"data\.sources\[0\]\.path = 'chat/data\.jsonl'"
+    ) as refused:
         check_inputs(plan)
+    assert "data.chat_template_file = 'templates/chatml.jinja'" in str(refused.value)
+    (mixture.parent / "templates" / "chatml.jinja").unlink()
+    with pytest.raises(RunInputError, match=r"data\.chat_template_file = 'templates/chatml"):
+        run_inputs(plan, mixture, mixture.parent)
     (mixture.parent / "more" / "data.jsonl").unlink()
     with pytest.raises(RunInputError, match=r"data\.sources\[1\]\.path = 'more/data\.jsonl': no"):
         run_inputs(plan, mixture, mixture.parent)
@@ -156,9 +166,17 @@ def test_a_mixture_trains_and_its_sources_are_recorded_and_compared(
     saved = json.loads((run / "adapter" / "tokenizer_config.json").read_text())
     template = saved.get("chat_template") or (run / "adapter" / "chat_template.jinja").read_text()
     assert template == CHATML
+    jinja = mixture.parent / "templates" / "chatml.jinja"
+    assert predicate["inputs"]["chat_template"]["files"] == {
+        "chatml.jinja": contract.sha256_file(jinja)}  # fmt: skip
+    assert predicate["effective"]["chat_template"].startswith("data.chat_template_file")
     inputs = run_inputs(tiny_plan(mixture), mixture, mixture.parent)
     verdicts = {v.item: v for v in input_verdicts(predicate, inputs)}
     assert verdicts["data sources hash"].ok, verdicts["data sources hash"].detail
     more.write_text(more.read_text() + json.dumps({"messages": []}) + "\n")
     changed = {v.item: v for v in input_verdicts(predicate, inputs)}["data sources hash"]
     assert not changed.ok and "sources/1/data.jsonl: sha256" in changed.detail
+    assert verdicts["chat template hash"].ok
+    jinja.write_text(CHATML + " ")
+    template_now = {v.item: v for v in input_verdicts(predicate, inputs)}["chat template hash"]
+    assert not template_now.ok and "chatml.jinja: sha256" in template_now.detail

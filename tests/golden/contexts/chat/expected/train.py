@@ -59,7 +59,7 @@ SETTINGS = {
     "group_by_length": False,  # train.group_by_length
     "data_format": "chat",  # data.format
     "data_source_weights": None,  # data.sources[*].weight
-    "chat_template": "the tokenizer's",  # data.chat_template, else the tokenizer's
+    "chat_template": "the tokenizer's",  # data.chat_template(_file), else the tokenizer's
     "loss_on": "completion",  # data.loss
     "max_length": 256,  # data.max_length
     "packing": False,  # data.packing

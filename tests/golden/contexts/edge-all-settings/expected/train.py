@@ -59,7 +59,7 @@ SETTINGS = {
     "group_by_length": True,  # train.group_by_length
     "data_format": "chat",  # data.format
     "data_source_weights": None,  # data.sources[*].weight
-    "chat_template": "the tokenizer's",  # data.chat_template, else the tokenizer's
+    "chat_template": "the tokenizer's",  # data.chat_template(_file), else the tokenizer's
     "loss_on": "completion",  # data.loss
     "max_length": 4096,  # data.max_length
     "packing": True,  # data.packing

@@ -59,7 +59,7 @@ SETTINGS = {
     "group_by_length": False,  # train.group_by_length
     "data_format": "instruction",  # data.format
     "data_source_weights": None,  # data.sources[*].weight
-    "chat_template": None,  # data.chat_template, else the tokenizer's
+    "chat_template": None,  # data.chat_template(_file), else the tokenizer's
     "loss_on": "completion",  # data.loss
     "max_length": 1024,  # data.max_length
     "packing": False,  # data.packing
