@@ -16,6 +16,7 @@ import pytest
 from tiny_runs import call_cli
 
 REPO = Path(__file__).resolve().parents[2]
+SHIPPED = ("chat", "instruction", "guanaco")
 
 
 def project(tmp_path: Path, spec: str = "tiny.toml", **edits: str) -> Path:
@@ -60,11 +61,11 @@ def test_a_wrong_field_name_fails_in_under_two_seconds_listing_the_fields(
 
 def test_shipped_specs_pass_with_what_was_checked(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = call_cli(
-        ["validate", "--inputs", "specs/chat.toml", "specs/instruction.toml", "specs/guanaco.toml"],
+        ["validate", "--inputs", *(str(REPO / "specs" / f"{n}.toml") for n in SHIPPED)],
         capsys,
     )
     assert code == 0, err
-    assert "specs/chat.toml: ok (inputs too)" in out
+    assert f"{REPO}/specs/chat.toml: ok (inputs too)" in out
     assert "chat template: assistant turns found for the completion-only loss" in out
     assert "data.path: the first 16 rows have the fields 'instruction', 'output'" in out
     assert "model.id = 'NousResearch/Llama-2-7b-chat-hf': on the hub (not checked here)" in out
