@@ -87,11 +87,18 @@ def input_json(plan: Plan) -> dict[str, Any]:
         "format": d.format,
         "fields": d.fields_read(),
         "roles": d.roles,
-        "chat_template": "data.chat_template" if d.chat_template else None,
+        "chat_template": _template_source(plan),
         "model": m.name,
         "architecture": m.architecture,
         "model_types": m.model_types,
     }
+
+
+def _template_source(plan: Plan) -> str | None:
+    """Which template renders conversations, when the spec replaces the tokenizer's."""
+    if plan.data.chat_template_file is not None:
+        return f"data.chat_template_file ({plan.data.chat_template_file})"
+    return "data.chat_template" if plan.data.chat_template is not None else None
 
 
 def input_lines(plan: Plan) -> list[str]:
@@ -106,7 +113,7 @@ def input_lines(plan: Plan) -> list[str]:
         roles = ", ".join(f"{k} -> {v}" for k, v in shown["roles"].items())
         lines.append(f"  roles (ShareGPT 'from' -> chat role): {roles}")
     if plan.data.conversational:
-        template = "data.chat_template" if shown["chat_template"] else "the tokenizer's own"
+        template = shown["chat_template"] or "the tokenizer's own"
         lines.append(f"  chat template: {template}")
     lines.append(f"  model: {shown['model']}, architecture {shown['architecture']} (config.json "
                  f"model_type {' or '.join(shown['model_types'])})")  # fmt: skip
