@@ -409,6 +409,7 @@ def _input_of(module: str) -> str:
     """Which tensor feeds a projection (q, k and v share one; gate and up share one)."""
     inputs = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm"}
     inputs |= {"o_proj": "attn_out", "gate_proj": "mlp_norm", "up_proj": "mlp_norm"}
+    inputs |= {"qkv_proj": "attn_norm", "gate_up_proj": "mlp_norm"}
     return inputs.get(module, "mlp_product")
 
 
