@@ -248,6 +248,8 @@ def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
             )
         )
     update, bits, paged = OPTIMIZERS[name]
+    if spec.runtime.distributed == "fsdp" and (paged or bits == 8):
+        _refuse_fsdp_optimizer(spec, name)
     return OptimizerPlan(
         name=name,
         update=update,
@@ -256,6 +258,20 @@ def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm if train.max_grad_norm > 0 else None,
+    )
+
+
+def _refuse_fsdp_optimizer(spec: Spec, name: str) -> None:
+    """bitsandbytes' optimizers update plain tensors; FSDP (FSDP2 in transformers 5) hands the
+    optimizer sharded DTensors, and the first step fails after the model has loaded."""
+    lean = name != spec.train.optimizer
+    raise SettleError(
+        "train.memory" if lean else "train.optimizer",
+        f"{name!r} (bitsandbytes) cannot update FSDP's sharded parameters"
+        + (' (memory = "lean" chose it)' if lean else "")
+        + ': use train.optimizer = "adamw_torch" (under FSDP its states are sharded too)'
+        + (', memory = "standard"' if lean else "")
+        + ', or runtime.distributed = "ddp"',
     )
 
 

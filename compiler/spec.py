@@ -597,8 +597,8 @@ class Runtime(Section):
         Literal["ddp", "fsdp"],
         Field(
             description="With several GPUs: 'ddp' puts the 4-bit model on every GPU; 'fsdp' "
-            "shards it (set quantization.storage_dtype to the compute dtype) for models "
-            "that do not fit one card."
+            "shards it (set quantization.storage_dtype to the compute dtype, and an optimizer "
+            "that is not bitsandbytes', such as adamw_torch) for models that do not fit one card."
         ),
     ] = "ddp"
     cuda: Annotated[

@@ -68,6 +68,20 @@ def test_fast_engine_refuses_packing_and_fsdp() -> None:
     )
 
 
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
+def test_bitsandbytes_optimizers_under_fsdp_are_refused_with_the_fix(optimizer: str) -> None:
+    fsdp = {"gpus": 2, "distributed": "fsdp"}
+    stored = {"storage_dtype": "float16"}
+    message = refused("train.optimizer", train={"optimizer": optimizer}, runtime=fsdp,
+                      quantization=stored)  # fmt: skip
+    assert 'train.optimizer = "adamw_torch"' in message and 'distributed = "ddp"' in message
+    lean = refused("train.memory", train={"memory": "lean", "optimizer": "adamw_torch"},
+                   runtime=fsdp, quantization=stored)  # fmt: skip
+    assert 'memory = "standard"' in lean
+    plan = plan_with(train={"optimizer": "adamw_torch"}, runtime=fsdp, quantization=stored)
+    assert plan.engine.distributed == "fsdp" and plan.engine.optimizer.state_bits == 32
+
+
 def test_lean_substitutions_are_named_with_their_reason() -> None:
     plan = plan_with(train={"memory": "lean", "gradient_checkpointing": False})
     subs = {s.key: s for s in plan.substitutions}
