@@ -706,7 +706,7 @@ def run_command(
         extra = parse_env_options(env or [])
     except LaunchError as error:
         raise UserError(str(error)) from None
-    if target is not None and Path(target).is_file():  # a spec: its inputs before any build
+    if target is not None and is_file(Path(target)):  # a spec: its inputs before any build
         check_spec_inputs(Path(target))
     with runtime_errors():
         try:
