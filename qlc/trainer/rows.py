@@ -146,8 +146,9 @@ def hub_rows(data: DataPlan, split: str, token: str | None) -> list[Row]:
 
     try:
         dataset = datasets.load_dataset(
-            data.hub_id or "", revision=data.revision, split=split, token=token
-        )
+            data.hub_id or "", data.config, data_files=data.data_files, revision=data.revision,
+            split=split, token=token,
+        )  # fmt: skip
     except Exception as error:  # network, authentication, unknown split: all the user's to fix
         raise UserError(
             f"cannot load dataset {data.hub_id!r} (split {split!r}) from the Hugging Face hub: "
