@@ -144,7 +144,7 @@ class Run:
     def begin(self, script: str, plan_bytes: bytes) -> None:
         out, env = self.env.output_dir, self.env
         if env.writes:  # rank 0, also under a launcher that is not qlc's (a job's torchrun)
-            problem = contract.claim_run_dir(out, self.plan_sha256, self.plan.job.name, env.run_id)
+            problem = claim(out, self.plan_sha256, self.plan.job.name, env.run_id)
             if problem is not None:
                 print(f"error: {problem}", file=sys.stderr, flush=True)
                 flag_user_error(problem)
@@ -438,6 +438,19 @@ class Run:
             )
         self.code = 128 + int(signum)
         return f"stopped by {error.signal_name}"
+
+
+def claim(out: Path, plan_sha256: str, job: str, run_id: str | None) -> str | None:
+    """The run directory claimed for this plan, or why not (one the process cannot write
+    too: an output volume the job's user may not write is the user's to fix)."""
+    try:
+        return contract.claim_run_dir(out, plan_sha256, job, run_id)
+    except OSError as error:
+        return (
+            f"cannot create the run directory {out}: {error.strerror or error} (as uid "
+            f"{os.getuid()}, gid {os.getgid()}): the output location must let this user "
+            "create, write and rename files (its owner, or a group it is in)"
+        )
 
 
 def flag_user_error(message: str) -> None:
