@@ -185,10 +185,12 @@ def job_gpus(plan: Plan, options: ExportOptions) -> int:
 
 def check_inputs(plan: Plan) -> None:
     """Refuse inputs the job cannot reach: a local model.path or data.path is a file on this
-    machine, which is not in the image nor on the service; an object-store one (s3://, gs://,
-    az://) is downloaded by the job itself, with the target's credentials. (The one place that
-    decides which inputs an exported job can read.)"""
-    inputs = (("model.path", plan.model.local_path), ("data.path", plan.data.local_path))
+    machine, which is not in the image nor on the service (a mixture's local sources and a
+    chat template file too); an object-store one (s3://, gs://, az://) is downloaded by the
+    job itself, with the target's credentials. (The one place that decides which inputs an
+    exported job can read.)"""
+    files = [(file.key, file.path) for file in plan.data.local_inputs()]
+    inputs = [("model.path", plan.model.local_path), *files]
     local = [(key, value) for key, value in inputs if value is not None]
     if local:
         what = ", ".join(f"{key} = {value!r}" for key, value in local)

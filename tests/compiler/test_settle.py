@@ -196,6 +196,16 @@ def test_a_hub_dataset_config_and_files_reach_the_plan() -> None:
         ("model", {"sha256": {"config.json": PIN}}, "a hub model is pinned by 'revision'"),
         ("model", {"id": None, "path": "m", "sha256": {"../x": PIN}}, "not a file inside"),
         ("model", {"tokenizer": "s3://bucket/tok"}, "a tokenizer is a hub id or a local"),
+        (
+            "data",
+            {"id": None, "sources": [{"path": "s3://bucket/d.jsonl"}]},
+            "an object-store file is read as data.path alone",
+        ),
+        (
+            "data",
+            {"format": "chat", "chat_template_file": "s3://bucket/t.jinja"},
+            "a chat template file is a local file",
+        ),
     ],
 )
 def test_input_pins_and_parts_are_refused_where_they_mean_nothing(
