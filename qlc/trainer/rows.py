@@ -175,7 +175,7 @@ def hub_rows(
 
     try:
         dataset = datasets.load_dataset(
-            hub_id, config, data_files=data_files, revision=revision, split=split, token=token
+            hub_id, name=config, data_files=data_files, revision=revision, split=split, token=token
         )
     except Exception as error:  # network, authentication, unknown split: all the user's to fix
         raise UserError(
