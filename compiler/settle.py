@@ -27,7 +27,7 @@ from qlc.compiler.plan import (
     Substitution,
     TrainPlan,
 )
-from qlc.compiler.spec import Spec
+from qlc.compiler.spec import URI_SCHEMES, Spec
 
 # train.memory = "lean": the 8-bit states of each 32-bit AdamW (bitsandbytes).
 LEAN_OPTIMIZERS = {
@@ -92,15 +92,25 @@ def job_plan(spec: Spec) -> JobPlan:
     )
 
 
+def remote(path: str | None) -> tuple[str | None, str | None]:
+    """(local path, object-store URI) of a spec's path."""
+    if path is not None and path.startswith(URI_SCHEMES):
+        return None, path
+    return path, None
+
+
 def model_plan(spec: Spec) -> ModelPlan:
     model = spec.model
+    local, uri = remote(model.path)
     return ModelPlan(
         hub_id=model.id,
         revision=model.revision,
-        local_path=model.path,
+        local_path=local,
         tokenizer=model.tokenizer,
         trust_remote_code=model.trust_remote_code,
         architecture=model.architecture,
+        uri=uri,
+        sha256=dict(sorted(model.sha256.items())) if model.sha256 is not None else None,
         model_types=list(MODEL_TYPES[model.architecture]),
     )
 
@@ -113,6 +123,7 @@ def data_plan(spec: Spec) -> DataPlan:
             "data.split / data.eval_split name hub dataset splits; a local file is one split: "
             "remove them and use data.eval_fraction",
         )
+    local, uri = remote(data.path)
     sources = [
         SourcePlan(
             hub_id=source.id,
@@ -127,7 +138,11 @@ def data_plan(spec: Spec) -> DataPlan:
     return DataPlan(
         hub_id=data.id,
         revision=data.revision,
-        local_path=data.path,
+        local_path=local,
+        uri=uri,
+        sha256=data.sha256,
+        config=data.config,
+        data_files=list(data.data_files) if data.data_files is not None else None,
         file_format=data.file_format,
         sources=sources,
         split=data.split,

@@ -20,7 +20,7 @@ from qlc import contract
 from qlc.compiler.plan import Plan
 from qlc.userio import is_dir, is_file
 
-OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
+OBJECT_STORE_SCHEMES = contract.OBJECT_STORE_SCHEMES
 CONTAINER_MODEL_DIR = f"{contract.CONTAINER_INPUTS_DIR}/model"
 CONTAINER_DATA_DIR = f"{contract.CONTAINER_INPUTS_DIR}/data"
 CONTAINER_FILES_DIR = f"{contract.CONTAINER_INPUTS_DIR}/files"
@@ -81,9 +81,11 @@ def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path
 
 
 def needs_network(plan: Plan, inputs: LocalInputs) -> bool:
-    """A container needs a network only to reach the hub (a model, tokenizer or dataset id)."""
+    """A container needs a network only to reach the hub (a model, tokenizer or dataset id)
+    or an object store (a model or data URI, downloaded at start)."""
     tokenizer_from_hub = plan.model.tokenizer is not None and inputs.tokenizer_dir is None
-    return plan.model.hub_id is not None or plan.data.hub_id is not None or tokenizer_from_hub
+    from_hub = plan.model.hub_id is not None or plan.data.hub_id is not None or tokenizer_from_hub
+    return from_hub or bool(plan.object_stores)
 
 
 def trainer_env(

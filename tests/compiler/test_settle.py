@@ -3,6 +3,7 @@ with the spec key and the fix; what differs because the spec asked for it is a s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -167,3 +168,63 @@ def test_settings_name_every_value_with_its_spec_key() -> None:
     assert all(row.source for row in rows)
     values = {row.name: row.value for row in rows}
     assert values["lora_scale"] == 16 / 64 and values["examples_per_step"] == 4
+
+
+# --- inputs: object stores and hub dataset parts (issue 16) ----------------------------------
+
+PIN = "ab" * 32
+
+
+def test_object_store_inputs_are_uris_in_the_plan_and_lock_their_backend_only() -> None:
+    plan = plan_with(
+        model={"id": None, "path": "s3://bucket/models/m", "sha256": {"config.json": PIN}},
+        data={"id": None, "path": "gs://bucket/d/train.jsonl", "sha256": PIN},
+    )
+    assert (plan.model.uri, plan.model.local_path) == ("s3://bucket/models/m", None)
+    assert (plan.data.uri, plan.data.local_path, plan.data.file_format) == (
+        "gs://bucket/d/train.jsonl", None, "jsonl")  # fmt: skip
+    assert plan.model.sha256 == {"config.json": PIN} and plan.data.sha256 == PIN
+    assert plan.object_stores == ["gs://", "s3://"] and plan.needs_network
+    assert plan.stack.object_stores == ["gcsfs==2026.8.2", "s3fs==2026.9.0"]
+    assert "s3fs==2026.9.0" in plan.stack.requirements()
+    local = plan_with()
+    assert local.stack.object_stores == [] and not any(
+        "fs==" in pin for pin in local.stack.requirements()
+    )
+    dumped = local.model_dump(mode="json")  # plans without them keep their bytes and hashes
+    assert "object_stores" not in dumped["stack"] and "uri" not in dumped["data"]
+
+
+def test_a_hub_dataset_config_and_files_reach_the_plan() -> None:
+    plan = plan_with(data={"config": "en", "data_files": ["train/*.parquet"]})
+    assert plan.data.config == "en" and plan.data.data_files == ["train/*.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("data", {"sha256": PIN}, "'sha256' pins the file at 'path'"),
+        ("data", {"id": None, "path": "d.jsonl", "config": "en"}, "'config' selects part"),
+        ("data", {"id": None, "path": "s3://Bad_Bucket/d.jsonl"}, "not an object-store URI"),
+        ("data", {"id": None, "path": "s3://bucket/d.jsonl", "sha256": "beef"}, "should match"),
+        ("model", {"sha256": {"config.json": PIN}}, "a hub model is pinned by 'revision'"),
+        ("model", {"id": None, "path": "m", "sha256": {"../x": PIN}}, "not a file inside"),
+        ("model", {"tokenizer": "s3://bucket/tok"}, "a tokenizer is a hub id or a local"),
+        (
+            "data",
+            {"id": None, "sources": [{"path": "s3://bucket/d.jsonl"}]},
+            "an object-store file is read as data.path alone",
+        ),
+        (
+            "data",
+            {"format": "chat", "chat_template_file": "s3://bucket/t.jinja"},
+            "a chat template file is a local file",
+        ),
+    ],
+)
+def test_input_pins_and_parts_are_refused_where_they_mean_nothing(
+    section: str, values: dict[str, Any], message: str
+) -> None:
+    document = {**BASE, section: {**BASE[section], **values}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Spec.model_validate(document)
