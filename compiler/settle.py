@@ -219,7 +219,10 @@ def runtime_plan(spec: Spec) -> RuntimePlan:
         shm_size=runtime.shm_size,
         env=dict(sorted(runtime.env.items())),
         secrets=sorted(runtime.secrets),
-        needs_hub=model.id is not None or data.id is not None or model.tokenizer is not None,
+        needs_hub=model.id is not None
+        or data.id is not None
+        or model.tokenizer is not None
+        or any(source.id is not None for source in data.sources),
     )
 
 

@@ -1,9 +1,10 @@
 """Each architecture a spec can name, proven on CPU with its tiny smoke model (the features that
 set it apart: Llama 3's rope scaling, Qwen 3's head_dim and query/key norms, Gemma 2's
 soft-capping and sliding window, Gemma 3's sliding layers, tied embeddings, Phi-3's fused
-projections): the reference engine and the fast engine train it in 4 bits (the loss falls, every gradient norm is
-finite), the adapter loads onto the base in plain peft and changes its outputs, and the memory
-estimate's shape read from its config.json counts exactly the parameters transformers builds."""
+projections): the reference engine and the fast engine train it in 4 bits (the loss falls,
+every gradient norm is finite), the adapter loads onto the base in plain peft and changes its
+outputs, and the memory estimate's shape read from its config.json counts exactly the
+parameters transformers builds."""
 
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def test_the_fast_engine_trains_each_architecture(
     model's own forward where settle says it does not (recorded): either way the loss falls."""
     from qlc.compiler.settle import FAST_UNMODELLED
 
-    (_, steps), decisions = trained_fast[architecture]
+    (_, steps), _ = trained_fast[architecture]
     losses = [step["loss"] for step in steps]
     assert [step["step"] for step in steps] == list(range(1, 11))
     assert all(math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0 for step in steps)
