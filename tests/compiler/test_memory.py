@@ -253,6 +253,28 @@ def test_unknown_shapes_say_so() -> None:
         shape_from_config({"model_type": "llama"}, "config.json")
 
 
+def two_gpus(distributed: str) -> Spec:
+    """The guanaco spec on 2 GPUs (4 examples per GPU), as issue 20 measured it."""
+    guanaco = load_spec(GUANACO.encode(), "guanaco.toml").spec
+    quantization = {"storage_dtype": "float16"} if distributed == "fsdp" else {}
+    return spec_with(guanaco, runtime={"gpus": 2, "distributed": distributed},
+                     train={"optimizer": "adamw_torch"}, quantization=quantization)  # fmt: skip
+
+
+def test_fsdp_shards_the_adapter_and_float_weights_per_gpu() -> None:
+    ddp, fsdp = estimate(two_gpus("ddp")), estimate(two_gpus("fsdp"))
+    ddp_terms, fsdp_terms = ({t.key: t.bytes for t in e.terms} for e in (ddp, fsdp))
+    for key in ("lora.weights", "lora.gradients", "optimizer.states"):
+        assert fsdp_terms[key] == -(-ddp_terms[key] // 2), key
+    root = ddp_terms["base.embeddings_head_norms"]
+    assert fsdp_terms["base.embeddings_head_norms"] + fsdp_terms["fsdp.gathered_root"] == root
+    assert fsdp_terms["base.weights_4bit"] == ddp_terms["base.weights_4bit"]  # as measured
+    assert "ddp.buckets" not in fsdp_terms and any("under FSDP" in n for n in fsdp.notes)
+    # issue 20, 2 x H200: FSDP 9.3 GiB per GPU, DDP 9.6 GiB
+    assert abs(fsdp.total_bytes / (9.3 * 2**30) - 1) <= 0.15
+    assert abs(ddp.total_bytes / (9.6 * 2**30) - 1) <= 0.15
+
+
 def test_gpu_names() -> None:
     assert find_gpu("h100").memory_bytes == find_gpu("NVIDIA H100 80GB HBM3").memory_bytes
     assert {"H100", "H200", "A100-80GB", "A100-40GB", "L4", "A10G", "T4", "RTX 4090"} <= set(
