@@ -224,7 +224,10 @@ def data_command(
     lines += show.histogram_lines(lengths, plan.data.max_length) + show.schedule_lines(found)
     out.print("\n".join(lines), markup=False)
     if histogram is not None:
-        write_histogram_png(lengths, plan.data.max_length, histogram, f"{spec}: token lengths")
+        try:
+            write_histogram_png(lengths, plan.data.max_length, histogram, f"{spec}: token lengths")
+        except OSError as error:
+            raise UserError(output_problem(histogram, error, "--histogram")) from None
         out.print(f"histogram: {histogram}", markup=False)
 
 
