@@ -187,7 +187,7 @@ def resolve(
     if runtime.gpus > 0:
         _check_bitsandbytes(stack, table)
     try:
-        sections = settle(spec)
+        sections = settle(spec, {row.tracker: row.pin for row in table.tracker})
     except SettleError as error:
         raise ResolveError(error.key, str(error)) from None
     return Plan(

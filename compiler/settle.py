@@ -9,6 +9,7 @@ asked for it (train.memory = "lean") is a Substitution. Nothing here reads the e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from qlc.compiler.plan import (
@@ -17,6 +18,7 @@ from qlc.compiler.plan import (
     EnginePlan,
     JobPlan,
     LoraPlan,
+    MlflowPlan,
     ModelPlan,
     OptimizerPlan,
     Precision,
@@ -24,7 +26,9 @@ from qlc.compiler.plan import (
     RuntimePlan,
     Schedule,
     Substitution,
+    TrackPlan,
     TrainPlan,
+    WandbPlan,
 )
 from qlc.compiler.spec import Spec
 
@@ -131,14 +135,38 @@ def lora_plan(spec: Spec) -> LoraPlan:
 
 
 def runtime_plan(spec: Spec) -> RuntimePlan:
+    """The run's environment; the trackers' credentials join runtime.secrets (by name)."""
     runtime, model, data = spec.runtime, spec.model, spec.data
+    tracker_secrets = {name for _, name in spec.track.secret_names()}
     return RuntimePlan(
         gpus=runtime.gpus,
         distributed=runtime.distributed,
         shm_size=runtime.shm_size,
         env=dict(sorted(runtime.env.items())),
-        secrets=sorted(runtime.secrets),
+        secrets=sorted(set(runtime.secrets) | tracker_secrets),
         needs_hub=model.id is not None or data.id is not None or model.tokenizer is not None,
+    )
+
+
+def track_plan(spec: Spec, pins: Mapping[str, str]) -> TrackPlan:
+    """The trackers the run logs to, and the pinned packages they need in the image (`pins`:
+    tracker -> 'package==version', from the compatibility table)."""
+    track = spec.track
+    wandb = mlflow = None
+    if track.wandb is not None:
+        w = track.wandb
+        wandb = WandbPlan(mode=w.mode, project=w.project, entity=w.entity, name=w.name,
+                          api_key_env=w.api_key if w.mode == "online" else None)  # fmt: skip
+    if track.mlflow is not None:
+        m = track.mlflow
+        mlflow = MlflowPlan(uri=m.uri.rstrip("/"), experiment=m.experiment or spec.job.name,
+                            token_env=m.token)  # fmt: skip
+    used = [name for name, plan in (("wandb", wandb), ("mlflow", mlflow)) if plan is not None]
+    return TrackPlan(
+        tensorboard=track.tensorboard,
+        wandb=wandb,
+        mlflow=mlflow,
+        packages=sorted(pins[name] for name in used),
     )
 
 
@@ -310,9 +338,10 @@ def _check_fast(spec: Spec) -> None:
         )
 
 
-def settle(spec: Spec) -> dict[str, Any]:
+def settle(spec: Spec, tracker_pins: Mapping[str, str]) -> dict[str, Any]:
     """The plan's sections decided from the spec: {section: value, "substitutions": [...]}.
-    SettleError for a combination no engine honours."""
+    SettleError for a combination no engine honours. `tracker_pins`: the package each tracker
+    needs in the image (tracker -> 'package==version')."""
     subs: list[Substitution] = []
     engine = engine_plan(spec, subs)
     return {
@@ -323,5 +352,6 @@ def settle(spec: Spec) -> dict[str, Any]:
         "lora": lora_plan(spec),
         "train": TrainPlan(schedule=schedule(spec), engine=engine),
         "runtime": runtime_plan(spec),
+        "track": track_plan(spec, tracker_pins),
         "substitutions": subs,
     }

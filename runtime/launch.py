@@ -70,9 +70,11 @@ def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path
 
 
 def needs_network(plan: Plan, inputs: LocalInputs) -> bool:
-    """A container needs a network only to reach the hub (a model, tokenizer or dataset id)."""
+    """A container needs a network only to reach the hub (a model, tokenizer or dataset id)
+    or a tracker's server (W&B online, MLflow)."""
     tokenizer_from_hub = plan.model.tokenizer is not None and inputs.tokenizer_dir is None
-    return plan.model.hub_id is not None or plan.data.hub_id is not None or tokenizer_from_hub
+    hub = plan.model.hub_id is not None or plan.data.hub_id is not None or tokenizer_from_hub
+    return hub or plan.track.needs_network
 
 
 def trainer_env(

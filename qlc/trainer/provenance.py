@@ -113,6 +113,7 @@ def new_manifest(
             "environment": observed_environment(),
             "metrics": {},
             "records": {},
+            "tracking": [],
             "error": None,
         },
     }
