@@ -1,4 +1,4 @@
-"""Compile the benchmark's qlc pipelines into build contexts (train.py, fast_engine.py, plan.json).
+"""Compile the benchmark's qlc pipelines into build contexts (train.py, plan.json, the trainer).
 
     python bench/contexts.py --out bench/.work [--cpu] [--max-steps N]
 
@@ -21,6 +21,8 @@ PIPELINES = {
     "reference": {"engine": "reference", "memory": "standard"},
     "fast": {"engine": "fast", "memory": "standard"},
     "lean": {"engine": "fast", "memory": "lean"},
+    # the 4-bit base kept on the GPU, dequantized per matmul, every layer recomputed (issue 15)
+    "compact": {"engine": "fast", "memory": "compact"},
     # Data parallel (issue 8): the reference engine at 8 examples per optimizer step on 1 and 2
     # GPUs (4 per device x 2 accumulated, or 4 per device x 2 processes).
     "ddp1": {"engine": "reference", "memory": "standard", "gpus": 1, "examples_per_step": 8},
@@ -77,9 +79,8 @@ def write_estimate(path: Path, estimate) -> None:
 
 
 def main() -> None:
-    from qlc.compiler.context import compile_spec
-    from qlc.compiler.load import load_spec
-    from qlc.compiler.memory import estimate_for_plan, estimate_seed_recipe
+    from qlc.compiler.context import compile_spec, plan_spec
+    from qlc.compiler.memory import estimate, estimate_seed_recipe
     from qlc.compiler.shapes import find_gpu
 
     h100 = find_gpu("H100")
@@ -92,9 +93,9 @@ def main() -> None:
     args = parser.parse_args()
     base = (ROOT / "specs" / "guanaco.toml").read_text()
     lock = (ROOT / "specs" / "guanaco.lock").read_bytes()
-    seed_spec = load_spec(bench_spec(base, "reference", False, None).encode(), "seed.toml").spec
+    seed_plan, _ = plan_spec(bench_spec(base, "reference", False, None).encode(), "seed.toml")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_estimate(args.out / "seed-estimate.json", estimate_seed_recipe(seed_spec))
+    write_estimate(args.out / "seed-estimate.json", estimate_seed_recipe(seed_plan))
     for pipeline in args.pipelines.split(","):
         text = bench_spec(base, pipeline, args.cpu, args.max_steps)
         # The CPU variant targets no image, so the GPU image's lock does not apply to it.
@@ -107,8 +108,9 @@ def main() -> None:
         target = args.out / f"ctx-{pipeline}"
         target.mkdir(parents=True, exist_ok=True)
         for name, data in context.files.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             (target / name).write_bytes(data)
-        write_estimate(target / "estimate.json", estimate_for_plan(context.plan, gpu=h100))
+        write_estimate(target / "estimate.json", estimate(context.plan, gpu=h100))
         print(
             json.dumps(
                 {"pipeline": pipeline, "context": str(target), "content_hash": context.content_hash}

@@ -100,12 +100,12 @@ def run_seed(args, model: Path, data: Path, out: Path, env: dict[str, str]) -> d
 
 
 def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[str, str]) -> dict:
-    # "fast:KEY=VAL,KEY=VAL" runs the fast context with engine knobs set; "-profile" turns on
-    # the fast engine's profiler for a few steps.
+    # "NAME:KEY=VAL,KEY=VAL" runs the context with those environment variables; "-profile"
+    # turns on the fast engine's profiler (contract.ENV_PROFILE_STEPS) for a few steps.
     name, _, knobs = pipeline.partition(":")
     extra = dict(kv.split("=", 1) for kv in knobs.split(",") if kv)
     if name.endswith("-profile"):
-        name, extra["QLC_FAST_PROFILE_STEPS"] = name.removesuffix("-profile"), "3"
+        name, extra["QLC_PROFILE_STEPS"] = name.removesuffix("-profile"), "3"
     context = args.contexts / f"ctx-{name}"
     env = {**env, **extra}
     env = {
@@ -141,14 +141,20 @@ def run_qlc(args, pipeline: str, model: Path, data: Path, out: Path, env: dict[s
         "peak_reserved": summary.get("peak_memory_reserved") or summary.get("peak_memory_bytes"),
         # the whole process (load, train, eval, sample), from train.py
         "peak_reserved_process": summary.get("peak_memory_bytes"),
-        "weights_streamed": summary.get("weights_streamed"),
+        "base_weights": json.loads((out / "manifest.json").read_text())["predicate"]
+        .get("effective", {})
+        .get("base_weights")
+        if (out / "manifest.json").exists()
+        else None,
         "final_loss_last10pct": last_tenth_mean([r["loss"] for r in steps]),
         "heldout_loss": summary.get("eval_loss"),
         "loss_curve": [round(float(r["loss"]), 4) for r in steps],
         "steps": summary.get("steps"),
         "tokens_trained": summary.get("tokens_trained"),
         "wall_s": wall,
-        "engine_path": summary.get("path"),
+        "decisions": json.loads((out / "manifest.json").read_text())["predicate"].get("decisions")
+        if (out / "manifest.json").exists()
+        else None,
     }
 
 

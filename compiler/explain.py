@@ -74,7 +74,50 @@ def settings_json(plan: Plan) -> dict[str, Any]:
     return {
         "settings": {r.name: {"value": r.value, "source": r.source} for r in plan.settings()},
         "substitutions": [s.model_dump(mode="json") for s in plan.substitutions],
+        "input": input_json(plan),
     }
+
+
+def input_json(plan: Plan) -> dict[str, Any]:
+    """What the trainer reads and how it renders rows, as the plan decided it."""
+    d, m = plan.data, plan.model
+    sources = [{"source": s.name, "weight": s.weight} for s in d.sources]
+    return {
+        "data": sources or [{"source": d.local_path or d.hub_id, "weight": 1.0}],
+        "format": d.format,
+        "fields": d.fields_read(),
+        "roles": d.roles,
+        "chat_template": _template_source(plan),
+        "model": m.name,
+        "architecture": m.architecture,
+        "model_types": m.model_types,
+    }
+
+
+def _template_source(plan: Plan) -> str | None:
+    """Which template renders conversations, when the spec replaces the tokenizer's."""
+    if plan.data.chat_template_file is not None:
+        return f"data.chat_template_file ({plan.data.chat_template_file})"
+    return "data.chat_template" if plan.data.chat_template is not None else None
+
+
+def input_lines(plan: Plan) -> list[str]:
+    """The input as lines: each dataset (and weight), the row fields the format reads, the
+    ShareGPT roles, whose chat template renders, the architecture the model must be."""
+    shown = input_json(plan)
+    lines = ["input (what the trainer reads, and how it renders each row):"]
+    lines += [f"  data: {d['source']}" + (f" x {d['weight']:g}" if plan.data.sources else "")
+              for d in shown["data"]]  # fmt: skip
+    lines.append(f"  format: {shown['format']}; fields: {', '.join(shown['fields'])}")
+    if shown["roles"]:
+        roles = ", ".join(f"{k} -> {v}" for k, v in shown["roles"].items())
+        lines.append(f"  roles (ShareGPT 'from' -> chat role): {roles}")
+    if plan.data.conversational:
+        template = shown["chat_template"] or "the tokenizer's own"
+        lines.append(f"  chat template: {template}")
+    lines.append(f"  model: {shown['model']}, architecture {shown['architecture']} (config.json "
+                 f"model_type {' or '.join(shown['model_types'])})")  # fmt: skip
+    return lines
 
 
 def memory_lines(result: MemoryEstimate, fit: Fit | None) -> list[str]:

@@ -14,7 +14,15 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ValidationError
 
 from qlc.compiler.locate import KeyPath, key_positions, locate
-from qlc.compiler.spec import ENV_NAME, HUB_ID, JOB_NAME, REVISION, RuleError, Spec
+from qlc.compiler.spec import (
+    ENV_NAME,
+    FORMAT_KEYS,
+    HUB_ID,
+    JOB_NAME,
+    REVISION,
+    RuleError,
+    Spec,
+)
 from qlc.userio import (
     CLIP_CHARS,
     FileTooLarge,
@@ -313,6 +321,12 @@ def _warnings(
         )
     if spec.train.save_steps is None:
         found.append((("train",), "no 'save_steps': an interrupted run restarts from step 0"))
+    reads = ", ".join(f"data.{key}" for key in FORMAT_KEYS[spec.data.format]) or "no other key"
+    found += [
+        (("data", key), f'does not apply to data.format = "{spec.data.format}" (which reads '
+         f"{reads}): remove it, or change the format")
+        for key in spec.data.inapplicable_keys()
+    ]  # fmt: skip
     diagnostics = []
     for key, message in found:
         line, column = locate(positions, key)

@@ -20,7 +20,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qlc.compiler.plan import Plan
-from qlc.compiler.shapes import GIB, PROJECTIONS, Gpu, ModelShape, UnknownShape, known_shape
+from qlc.compiler.settle import FUSING_ARCHITECTURES
+from qlc.compiler.shapes import (
+    FUSED_PROJECTIONS,
+    GIB,
+    PROJECTIONS,
+    Gpu,
+    ModelShape,
+    UnknownShape,
+    known_shape,
+)
 
 # Measured constants (each with where it comes from).
 # Reserved over allocated at the peak, from bench/results/2026-11-26-h100-call5.jsonl:
@@ -138,11 +147,12 @@ class Workload:
 def workload(plan: Plan) -> Workload:
     """What memory depends on, read from the plan's decided settings (never re-derived)."""
     engine, schedule, lora = plan.engine, plan.schedule, plan.lora
-    targets = (
-        PROJECTIONS
-        if lora.target_modules == "all-linear"
-        else tuple(m for m in PROJECTIONS if m in lora.target_modules)
-    )
+    if lora.target_modules != "all-linear":
+        targets = tuple(m for m in (*PROJECTIONS, *FUSED_PROJECTIONS) if m in lora.target_modules)
+    elif plan.model.architecture in FUSING_ARCHITECTURES:
+        targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    else:
+        targets = PROJECTIONS
     return Workload(
         engine=engine.name,
         memory=engine.memory,
@@ -188,7 +198,7 @@ def estimate(plan: Plan, shape: ModelShape | None = None, gpu: Gpu | None = None
     result: MemoryEstimate
     if work.engine == "reference":
         result = terms.reference(work, shape)
-    elif work.lean:
+    elif work.memory in ("lean", "compact"):
         result = terms.fast_lean(work, shape)
     else:
         result = terms.fast_standard(work, shape, gpu)

@@ -162,7 +162,7 @@ def fast_lean(w: Workload, s: ModelShape) -> MemoryEstimate:
     memory one layer at a time (fast_engine.WeightStream) and the embeddings stay in host
     memory; on CPU the base is dequantized per matmul where it is."""
     c = _compute_bytes(w)
-    streamed = w.gpus > 0
+    streamed = w.lean and w.gpus > 0  # compact keeps the 4-bit base on the GPU
     if streamed:
         base = [
             Term(
@@ -200,7 +200,7 @@ def fast_lean(w: Workload, s: ModelShape) -> MemoryEstimate:
     layer = _fast_layer_bytes(w, s, c)
     where = "4-bit base streamed from host memory" if streamed else "4-bit base"
     return _assemble(
-        f"fast engine, lean memory ({where}, recompute per layer, chunked loss)",
+        f"fast engine, {w.memory} memory ({where}, recompute per layer, chunked loss)",
         w,
         s,
         persistent,
@@ -409,6 +409,7 @@ def _input_of(module: str) -> str:
     """Which tensor feeds a projection (q, k and v share one; gate and up share one)."""
     inputs = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm"}
     inputs |= {"o_proj": "attn_out", "gate_proj": "mlp_norm", "up_proj": "mlp_norm"}
+    inputs |= {"qkv_proj": "attn_norm", "gate_up_proj": "mlp_norm"}
     return inputs.get(module, "mlp_product")
 
 

@@ -18,11 +18,11 @@ This module imports pydantic and the contract only: the image carries it beside 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from qlc.contract import EVAL_LOSS_DEFINITION
+from qlc.contract import EVAL_LOSS_DEFINITION, sha256_bytes
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -97,6 +97,10 @@ class ModelPlan(Frozen):
     tokenizer: str | None
     trust_remote_code: bool
     architecture: str
+    model_types: Annotated[
+        list[str],
+        Field(description="config.json model_type values of model.architecture (checked)."),
+    ]
 
     @property
     def name(self) -> str:
@@ -106,21 +110,57 @@ class ModelPlan(Frozen):
         return (self.local_path or "").rstrip("/").rsplit("/", 1)[-1]
 
 
+FileFormat = Literal["jsonl", "json", "parquet", "csv"]
+
+
+class SourcePlan(Frozen):
+    """One dataset of a mixture."""
+
+    hub_id: str | None
+    revision: str | None
+    local_path: Annotated[
+        str | None, Field(description="As written in the spec (relative to the spec file).")
+    ]
+    file_format: FileFormat | None
+    split: str
+    weight: Annotated[float, Field(description="Uses of each row per epoch (seeded fraction).")]
+
+    @property
+    def name(self) -> str:
+        return self.local_path or f"{self.hub_id} ({self.split})"
+
+
 class DataPlan(Frozen):
     hub_id: str | None
     revision: str | None
     local_path: str | None
-    file_format: Literal["jsonl", "json", "parquet", "csv"] | None
+    file_format: FileFormat | None
+    sources: Annotated[
+        list[SourcePlan],
+        Field(description="A mixture of datasets (data.sources); empty: the one dataset above."),
+    ]
     split: str
     eval_split: str | None
     eval_fraction: float
-    format: Literal["text", "instruction", "chat"]
+    format: Literal["text", "instruction", "chat", "sharegpt"]
     text_field: str
     prompt_field: str
     input_field: str | None
     response_field: str
     template: Literal["alpaca", "llama2", "chatml"]
-    messages_field: str
+    messages_field: Annotated[str, Field(description="The conversation's field (chat formats).")]
+    roles: Annotated[
+        dict[str, str],
+        Field(description="'sharegpt': a turn's 'from' value -> chat role; {} otherwise."),
+    ]
+    chat_template: Annotated[
+        str | None,
+        Field(description="data.chat_template: used instead of the tokenizer's template."),
+    ]
+    chat_template_file: Annotated[
+        str | None,
+        Field(description="data.chat_template_file (as written): read by the run, hashed."),
+    ]
     loss: Literal["all", "completion"]
     max_length: int
     packing: bool
@@ -128,6 +168,49 @@ class DataPlan(Frozen):
     @property
     def has_eval(self) -> bool:
         return self.eval_split is not None or self.eval_fraction > 0
+
+    def fields_read(self) -> list[str]:
+        """`key = field` of each row field data.format reads (what `qlc explain` shows)."""
+        keys: list[tuple[str, str | None]] = [("messages_field", self.messages_field)]
+        if self.format == "text":
+            keys = [("text_field", self.text_field)]
+        elif self.format == "instruction":
+            keys = [("prompt_field", self.prompt_field), ("input_field", self.input_field),
+                    ("response_field", self.response_field)]  # fmt: skip
+        return [f"{key} = {name}" for key, name in keys if name is not None]
+
+    @property
+    def conversational(self) -> bool:
+        """Rows are conversations rendered by a chat template."""
+        return self.format in ("chat", "sharegpt")
+
+    def local_files(self) -> list[LocalFile]:
+        """Every local data file: what the launch path finds, mounts and hands the trainer,
+        what `qlc validate --inputs` reads, and what an exported job cannot read."""
+        if self.local_path is not None:
+            return [LocalFile("data.path", self.local_path, self.file_format or "jsonl")]
+        return [LocalFile(source_key(i), s.local_path, s.file_format or "jsonl")
+                for i, s in enumerate(self.sources) if s.local_path is not None]  # fmt: skip
+
+    def local_inputs(self) -> list[LocalFile]:
+        """Every local file the run reads: the data files and a chat template file."""
+        template = self.chat_template_file
+        extra = [] if template is None else [LocalFile(TEMPLATE_KEY, template, "jinja")]
+        return [*self.local_files(), *extra]
+
+
+class LocalFile(NamedTuple):
+    key: str  # the spec key that names it
+    path: str  # as written (relative to the spec file)
+    file_format: str
+
+
+TEMPLATE_KEY = "data.chat_template_file"
+
+
+def source_key(index: int) -> str:
+    """The spec key of a mixture's local file (messages, the launch path's QLC_INPUT_PATHS)."""
+    return f"data.sources[{index}].path"
 
 
 class QuantizationPlan(Frozen):
@@ -256,7 +339,7 @@ class EnginePlan(Frozen):
     """One complete way to train the plan: what runs and at which precision."""
 
     name: EngineName
-    memory: Literal["standard", "lean"]
+    memory: Literal["standard", "compact", "lean"]
     path: Annotated[str, Field(description="What executes the steps.")]
     batches: Literal["padded", "padding-free"]
     base_weights: Annotated[
@@ -442,6 +525,8 @@ class Plan(Frozen):
             ("examples_per_step", s.examples_per_step, "batch_size x grad_accum x world_size"),
             ("group_by_length", s.group_by_length, "train.group_by_length"),
             ("data_format", d.format, "data.format"),
+            ("data_source_weights", _weights(d), "data.sources[*].weight"),
+            ("chat_template", _template_text(d), "data.chat_template(_file), else the tokenizer's"),
             ("loss_on", d.loss, "data.loss"),
             ("max_length", d.max_length, "data.max_length"),
             ("packing", d.packing, "data.packing"),
@@ -507,6 +592,21 @@ class Plan(Frozen):
                 "track": self.track.model_copy(update={"wandb": None, "mlflow": None}),
             }
         )
+
+
+def _weights(data: DataPlan) -> list[float] | None:
+    return [source.weight for source in data.sources] or None
+
+
+def _template_text(data: DataPlan) -> str | None:
+    if not data.conversational:
+        return None
+    if data.chat_template_file is not None:
+        return "data.chat_template_file (its sha256 in the manifest's inputs)"
+    if data.chat_template is None:
+        return "the tokenizer's"
+    digest = sha256_bytes(data.chat_template.encode())
+    return f"data.chat_template (sha256 {digest[:12]})"
 
 
 def _eval_text(data: DataPlan) -> str | None:

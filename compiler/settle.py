@@ -25,6 +25,7 @@ from qlc.compiler.plan import (
     QuantizationPlan,
     RuntimePlan,
     Schedule,
+    SourcePlan,
     Substitution,
     TrackPlan,
     TrainPlan,
@@ -48,9 +49,36 @@ OPTIMIZERS: dict[str, tuple[str, int, bool]] = {  # name -> (update rule, state 
     "sgd": ("sgd", 0, False),
 }
 MIXED_PRECISION: dict[str, Dtype | None] = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
-# The fast engine's own decoder models these architectures; others train through the model's
-# forward on padded batches (same mathematics, slower).
-FAST_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# model.architecture -> the config.json model_type values it names (the trainer checks the
+# model it loads against them).
+MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama",),
+    "llama3": ("llama",),
+    "mistral": ("mistral",),
+    "qwen2": ("qwen2",),
+    "qwen3": ("qwen3",),
+    "gemma2": ("gemma2",),
+    "gemma3": ("gemma3_text", "gemma3"),
+    "phi3": ("phi3",),
+}
+# What the fast engine's padding-free decoder does not model, per architecture: these train
+# through the model's own forward on padded batches (same mathematics, slower). The decoder
+# models the others (Llama 3's rope scaling through the model's own rotary embedding); what
+# only the loaded model shows (tied embeddings, a sliding window shorter than an example) is
+# the engine's run-time rule, recorded.
+FAST_UNMODELLED: dict[str, str] = {
+    "qwen3": "per-head query/key RMSNorm",
+    "gemma2": "attention and logit soft-capping, sliding-window layers, GeLU MLP, (1 + w) "
+    "RMSNorm around attention and MLP",
+    "gemma3": "sliding-window layers with their own RoPE, query/key RMSNorm, GeLU MLP, (1 + w) "
+    "RMSNorm around attention and MLP",
+    "phi3": "fused qkv_proj and gate_up_proj projections",
+}
+# Projections some architectures fuse: the fused name -> the separate ones.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSING_ARCHITECTURES = ("phi3",)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+MESSAGES_FIELDS = {"chat": "messages", "sharegpt": "conversations"}
 
 
 class SettleError(ValueError):
@@ -77,6 +105,7 @@ def model_plan(spec: Spec) -> ModelPlan:
         tokenizer=model.tokenizer,
         trust_remote_code=model.trust_remote_code,
         architecture=model.architecture,
+        model_types=list(MODEL_TYPES[model.architecture]),
     )
 
 
@@ -88,11 +117,23 @@ def data_plan(spec: Spec) -> DataPlan:
             "data.split / data.eval_split name hub dataset splits; a local file is one split: "
             "remove them and use data.eval_fraction",
         )
+    sources = [
+        SourcePlan(
+            hub_id=source.id,
+            revision=source.revision,
+            local_path=source.path,
+            file_format=source.file_format,
+            split=source.split,
+            weight=source.weight,
+        )
+        for source in data.sources
+    ]
     return DataPlan(
         hub_id=data.id,
         revision=data.revision,
         local_path=data.path,
         file_format=data.file_format,
+        sources=sources,
         split=data.split,
         eval_split=data.eval_split,
         eval_fraction=data.eval_fraction,
@@ -102,7 +143,12 @@ def data_plan(spec: Spec) -> DataPlan:
         input_field=data.input_field,
         response_field=data.response_field,
         template=data.template,
-        messages_field=data.messages_field,
+        messages_field=data.messages_field or MESSAGES_FIELDS.get(data.format, "messages"),
+        roles=dict(sorted({**SHAREGPT_ROLES, **data.roles}.items()))
+        if data.format == "sharegpt"
+        else {},
+        chat_template=data.chat_template,
+        chat_template_file=data.chat_template_file,
         loss=data.loss,
         max_length=data.max_length,
         packing=data.packing,
@@ -123,6 +169,8 @@ def quantization_plan(spec: Spec) -> QuantizationPlan:
 def lora_plan(spec: Spec) -> LoraPlan:
     lora = spec.lora
     targets = lora.target_modules
+    if targets != "all-linear":
+        _check_projection_names(spec.model.architecture, list(targets))
     return LoraPlan(
         r=lora.r,
         alpha=lora.alpha,
@@ -132,6 +180,24 @@ def lora_plan(spec: Spec) -> LoraPlan:
         target_modules=targets if targets == "all-linear" else sorted(targets),
         modules_to_save=list(lora.modules_to_save),
     )
+
+
+def _check_projection_names(architecture: str, targets: list[str]) -> None:
+    """Projection names the architecture does not have: peft would stop at load time."""
+    fuses = architecture in FUSING_ARCHITECTURES
+    if fuses:
+        wrong = [name for parts in FUSED.values() for name in parts if name in targets]
+        fix = sorted({fused for fused, parts in FUSED.items() if set(parts) & set(targets)})
+        how = f"{architecture} fuses them: use {', '.join(fix)}"
+    else:
+        wrong = [name for name in FUSED if name in targets]
+        fix = [part for name in wrong for part in FUSED[name]]
+        how = f"{architecture} keeps them separate: use {', '.join(fix)}"
+    if wrong:
+        raise SettleError(
+            "lora.target_modules",
+            f'{architecture} has no module {wrong[0]!r} ({how}, or "all-linear")',
+        )
 
 
 def runtime_plan(spec: Spec) -> RuntimePlan:
@@ -247,7 +313,13 @@ def precision(spec: Spec, engine: str) -> Precision:
 
 def recompute_for(spec: Spec, engine: str, subs: list[Substitution]) -> str:
     train = spec.train
-    if train.memory == "lean":
+    if train.memory == "compact" and not train.gradient_checkpointing:
+        raise SettleError(
+            "train.gradient_checkpointing",
+            'train.memory = "compact" recomputes every decoder layer: remove '
+            'gradient_checkpointing = false, or use memory = "standard"',
+        )
+    if train.memory in ("lean", "compact"):
         if not train.gradient_checkpointing:
             subs.append(
                 Substitution(
@@ -270,8 +342,9 @@ def fast_path(spec: Spec) -> tuple[str, str]:
     forward on padded batches for what the decoder does not model."""
     lora = spec.lora
     reasons = []
-    if spec.model.architecture not in FAST_ARCHITECTURES:
-        reasons.append(f"model.architecture = {spec.model.architecture!r}")
+    architecture = spec.model.architecture
+    if architecture in FAST_UNMODELLED:
+        reasons.append(f"model.architecture = {architecture!r}: {FAST_UNMODELLED[architecture]}")
     if lora.bias != "none":
         reasons.append(f"lora.bias = {lora.bias!r}")
     if lora.modules_to_save:
@@ -291,9 +364,11 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
     if engine == "fast":
         _check_fast(spec)
         path, batches = fast_path(spec)
-        lean = train.memory == "lean"
-        if lean:
+        lean = train.memory in ("lean", "compact")
+        if train.memory == "lean":
             base = "streamed" if runtime.gpus > 0 else "4bit"
+        elif train.memory == "compact":
+            base = "4bit"  # on the GPU, dequantized per matmul
         else:
             base = "dequantized" if batches == "padding-free" else "4bit"
         attention = (
@@ -304,6 +379,7 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
         )
         loss = "chunked" if lean and batches == "padding-free" else "full"
     else:
+        _check_reference(spec)
         path, batches = "trl SFTTrainer (transformers Trainer, peft, bitsandbytes)", "padded"
         base, loss = "4bit", "full"
         attention = "the model's SDPA on padded batches"
@@ -320,6 +396,15 @@ def engine_plan(spec: Spec, subs: list[Substitution]) -> EnginePlan:
         optimizer=optimizer_plan(spec, subs),
         distributed=runtime.distributed,
     )
+
+
+def _check_reference(spec: Spec) -> None:
+    if spec.train.memory == "compact":
+        raise SettleError(
+            "train.memory",
+            'memory = "compact" is the fast engine\'s setting (the reference engine already '
+            'keeps the base 4-bit): use train.engine = "fast", or memory = "standard" / "lean"',
+        )
 
 
 def _check_fast(spec: Spec) -> None:

@@ -19,8 +19,15 @@ from qlc.userio import clip
 
 GIB = 2**30
 MIB = 2**20
-MODELLED_TYPES = ("llama", "mistral", "qwen2")  # the decoders both engines train
+# The decoders whose config.json the estimate reads (model_type): Llama-family layers of q, k,
+# v, o and a gated MLP, whatever their names, norms and attention pattern.
+MODELLED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj")  # Phi-3's names for q|k|v and gate|up
+# transformers' defaults where a config.json leaves a key out.
+TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
+NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4}  # also before and after the MLP
+QK_NORM = ("qwen3", "gemma3_text")  # an RMSNorm of head_dim on each query and key
 
 
 class UnknownShape(ValueError):
@@ -45,6 +52,8 @@ class ModelShape:
     tied_embeddings: bool
     source: str
     head_dim: int | None = None
+    norms_per_layer: int = 2
+    qk_norm: bool = False
 
     @property
     def head_size(self) -> int:
@@ -66,6 +75,8 @@ class ModelShape:
             "gate_proj": (h, i),
             "up_proj": (h, i),
             "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv),
+            "gate_up_proj": (h, 2 * i),
         }[name]
 
     @property
@@ -81,7 +92,8 @@ class ModelShape:
 
     @property
     def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
+        qk = 2 * self.head_size * self.layers if self.qk_norm else 0
+        return (self.norms_per_layer * self.layers + 1) * self.hidden + qk
 
 
 @dataclass(frozen=True)
@@ -129,13 +141,19 @@ def known_model_names() -> list[str]:
 
 def shape_from_config(config: Mapping[str, Any], source: str) -> ModelShape:
     """A shape from a transformers config.json (already parsed); UnknownShape if it is not one
-    of the decoders the estimate models."""
+    of the decoders the estimate models. A multimodal Gemma 3 is read from its text_config."""
     model_type = config.get("model_type")
     if model_type not in MODELLED_TYPES:
         raise UnknownShape(
             f"{source}: model_type {model_type!r} is not modelled "
             f"(the estimate knows {', '.join(MODELLED_TYPES)})"
         )
+    if model_type == "gemma3":
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UnknownShape(f"{source}: a gemma3 config.json without a text_config")
+        name = config.get("_name_or_path")
+        config, model_type = {"_name_or_path": name, **text}, "gemma3_text"
     needed = (
         "hidden_size",
         "intermediate_size",
@@ -157,9 +175,11 @@ def shape_from_config(config: Mapping[str, Any], source: str) -> ModelShape:
         heads=heads,
         kv_heads=int(kv_heads) if isinstance(kv_heads, int) else heads,
         vocab=int(config["vocab_size"]),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT)),
         source=source,
         head_dim=head_dim if isinstance(head_dim, int) and head_dim * heads != hidden else None,
+        norms_per_layer=NORMS_PER_LAYER.get(str(model_type), 2),
+        qk_norm=model_type in QK_NORM,
     )
 
 

@@ -20,14 +20,22 @@ from pydantic import (
     model_validator,
 )
 
-from qlc.contract import reserved_env
+from qlc.contract import DATA_FILE_FORMATS, data_file_format, reserved_env
 from qlc.userio import clip
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
 JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
-DATA_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+Architecture = Literal["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+ChatRole = Literal["system", "user", "assistant"]
+# data.format -> the data.* keys it reads (the others do not apply to it).
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "text": ("text_field",),
+    "instruction": ("prompt_field", "input_field", "response_field", "template"),
+    "chat": ("messages_field", "chat_template", "chat_template_file"),
+    "sharegpt": ("messages_field", "roles", "chat_template", "chat_template_file"),
+}
 URI_SCHEMES = ("s3://", "gs://", "az://")
 
 
@@ -152,8 +160,13 @@ class Model(Section):
         bool, Field(description="Run Python code shipped with the model (off: never).")
     ] = False
     architecture: Annotated[
-        Literal["llama", "mistral", "qwen2"],
-        Field(description="Architecture family: the smoke mode builds a tiny model of it."),
+        Architecture,
+        Field(
+            description="Architecture family, as the model's config.json says (model_type): "
+            "'llama' (Llama 2), 'llama3' (Llama 3.x, with its rope scaling), 'mistral', "
+            "'qwen2' (Qwen 2 / 2.5), 'qwen3', 'gemma2', 'gemma3' (text), 'phi3'. The smoke "
+            "mode builds a tiny model of it; the fast engine's path follows from it."
+        ),
     ] = "llama"
 
     @field_validator("path", "tokenizer")
@@ -170,6 +183,65 @@ class Model(Section):
         return self
 
 
+def _data_path(value: str | None) -> str | None:
+    if value is None:
+        return None
+    _input_path(value)
+    if data_file_format(value) is None:
+        raise ValueError(
+            f"unsupported data file {value!r}: use one of {', '.join(DATA_FILE_FORMATS)}"
+        )
+    return value
+
+
+class Source(Section):
+    """One dataset of a mixture (data.sources)."""
+
+    id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
+    path: Annotated[
+        str | None,
+        Field(
+            max_length=4096,
+            description="Local data file (.jsonl, .json, .parquet, .csv), relative to the spec "
+            "file or absolute; mounted read-only.",
+        ),
+    ] = None
+    revision: Annotated[
+        str | None, Field(pattern=REVISION, description="Hub dataset revision to pin.")
+    ] = None
+    split: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Hub split to read.")
+    ] = "train"
+    weight: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1000,
+            description="How often each of its rows is used per epoch: 1 every row once, 2 "
+            "every row twice, 0.5 a seeded half of them.",
+        ),
+    ] = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _data_path(value)
+
+    @model_validator(mode="after")
+    def _rules(self) -> Source:
+        if (self.id is None) == (self.path is None):
+            raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
+        if self.revision is not None and self.id is None:
+            raise RuleError("revision", "'revision' pins a hub dataset: use it with 'id'")
+        if self.path is not None and "split" in self.model_fields_set:
+            raise RuleError("split", "'split' names a hub dataset split; a local file is one")
+        return self
+
+    @property
+    def file_format(self) -> str | None:
+        return None if self.path is None else data_file_format(self.path)
+
+
 class Data(Section):
     id: Annotated[str | None, Field(pattern=HUB_ID, description="Hub dataset id.")] = None
     path: Annotated[
@@ -180,6 +252,15 @@ class Data(Section):
             "relative to the spec file or absolute; mounted read-only.",
         ),
     ] = None
+    sources: Annotated[
+        list[Source],
+        Field(
+            max_length=64,
+            description="Several datasets mixed into one (instead of 'id' / 'path'): "
+            "[[data.sources]] tables, each with 'path' or 'id' and a 'weight'. Rows are mixed "
+            "in an order seeded by job.seed; every source has the same format and fields.",
+        ),
+    ] = []
     revision: Annotated[
         str | None,
         Field(pattern=REVISION, description="Hub dataset revision to pin."),
@@ -201,11 +282,12 @@ class Data(Section):
         ),
     ] = 0.0
     format: Annotated[
-        Literal["text", "instruction", "chat"],
+        Literal["text", "instruction", "chat", "sharegpt"],
         Field(
             description="'text': a field already rendered; 'instruction': prompt/response "
-            "fields through a named template; 'chat': a messages list through the "
-            "tokenizer's chat template."
+            "fields through a named template (Alpaca, with or without input); 'chat': a "
+            "messages list of {role, content} (OpenAI) through the chat template; 'sharegpt': "
+            "a list of {from, value} turns, roles mapped by data.roles, then as 'chat'."
         ),
     ]
     text_field: Annotated[
@@ -231,11 +313,46 @@ class Data(Section):
         Field(description="Named prompt template for the 'instruction' format."),
     ] = "alpaca"
     messages_field: Annotated[
-        str, Field(min_length=1, max_length=128, description="Messages list field ('chat').")
-    ] = "messages"
+        str | None,
+        Field(
+            min_length=1,
+            max_length=128,
+            description="Field holding the conversation ('chat': default 'messages'; "
+            "'sharegpt': default 'conversations').",
+        ),
+    ] = None
+    roles: Annotated[
+        dict[Annotated[str, Field(min_length=1, max_length=64)], ChatRole],
+        Field(
+            description="'sharegpt': a turn's 'from' value -> its chat role, added to the "
+            "defaults human -> user, gpt -> assistant, system -> system."
+        ),
+    ] = {}
+    chat_template: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=65536,
+            description="A Jinja chat template used instead of the tokenizer's ('chat', "
+            "'sharegpt'): rendered by the tokenizer's sandboxed Jinja and saved with the "
+            "adapter's tokenizer. A TOML multi-line literal string keeps it as written.",
+        ),
+    ] = None
+    chat_template_file: Annotated[
+        str | None,
+        Field(
+            max_length=4096,
+            description="A file holding that Jinja chat template (relative to the spec file or "
+            "absolute), instead of 'chat_template': read at run time like a data file, its hash "
+            "recorded in the manifest.",
+        ),
+    ] = None
     loss: Annotated[
         Literal["all", "completion"],
-        Field(description="'all': loss on every token; 'completion': prompt tokens masked."),
+        Field(
+            description="'all': loss on every token; 'completion': prompt tokens masked (chat: "
+            "the loss is on every assistant turn)."
+        ),
     ] = "all"
     max_length: Annotated[
         int,
@@ -248,7 +365,7 @@ class Data(Section):
     ] = False
 
     @field_validator("text_field", "prompt_field", "input_field", "response_field",
-                     "messages_field")  # fmt: skip
+                     "messages_field", "chat_template")  # fmt: skip
     @classmethod
     def _field_names(cls, value: str | None) -> str | None:
         return None if value is None else _no_nul(value)
@@ -256,39 +373,71 @@ class Data(Section):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _input_path(value)
-        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value else ""
-        if suffix not in DATA_SUFFIXES:
-            raise ValueError(
-                f"unsupported data file {value!r}: use one of {', '.join(DATA_SUFFIXES)}"
-            )
+        return _data_path(value)
+
+    @field_validator("chat_template_file")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        return None if value is None else _input_path(value)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            _no_nul(name)
         return value
 
     @model_validator(mode="after")
     def _rules(self) -> Data:
-        if (self.id is None) == (self.path is None):
-            raise RuleError("id", "set exactly one of 'id' (hub dataset) or 'path' (local file)")
+        if self.sources:
+            self._mixture_rules()
+        elif (self.id is None) == (self.path is None):
+            raise RuleError(
+                "id",
+                "set exactly one of 'id' (hub dataset) or 'path' (local file), or several "
+                "[[data.sources]]",
+            )
         if self.revision is not None and self.id is None:
             raise RuleError(
                 "revision", "'revision' pins a hub dataset: use it with 'id', not 'path'"
             )
         if self.eval_split is not None and self.eval_fraction > 0:
             raise RuleError("eval_fraction", "set 'eval_split' or 'eval_fraction', not both")
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise RuleError(
+                "chat_template_file", "set 'chat_template' (the text) or 'chat_template_file'"
+            )
         if self.loss == "completion" and self.format == "text":
             raise RuleError(
                 "loss",
                 'loss = "completion" needs a prompt/response boundary: use format '
-                '"instruction" or "chat", or loss = "all" for format "text"',
+                '"instruction", "chat" or "sharegpt", or loss = "all" for format "text"',
             )
         return self
+
+    def _mixture_rules(self) -> None:
+        if self.id is not None or self.path is not None:
+            key = "id" if self.id is not None else "path"
+            raise RuleError(key, f"set 'sources' or '{key}', not both: list it as a source")
+        for key in ("split", "eval_split"):
+            if key in self.model_fields_set:
+                raise RuleError(
+                    key,
+                    f"'{key}' does not apply to data.sources: set each source's split, and "
+                    "hold out evaluation rows with data.eval_fraction",
+                )
+
+    def inapplicable_keys(self) -> list[str]:
+        """Keys this spec sets that its data.format never reads (each one a warning)."""
+        reads = FORMAT_KEYS[self.format]
+        known = dict.fromkeys(key for keys in FORMAT_KEYS.values() for key in keys)
+        return [key for key in known if key not in reads and key in self.model_fields_set]
 
     @property
     def file_format(self) -> str | None:
         if self.path is None:
             return None
-        return DATA_SUFFIXES["." + self.path.rsplit(".", 1)[-1].lower()]
+        return data_file_format(self.path)
 
     @property
     def has_eval(self) -> bool:
@@ -408,10 +557,14 @@ class Train(Section):
         ),
     ] = "reference"
     memory: Annotated[
-        Literal["standard", "lean"],
+        Literal["standard", "compact", "lean"],
         Field(
-            description="'lean': trade speed for peak memory (8-bit optimizer states, "
-            "checkpointing, chunked loss)."
+            description="'standard': the fastest setting (the fast engine keeps a 16-bit copy of "
+            "the dequantized base); 'compact' (fast engine): the base stays 4-bit on the GPU, "
+            "dequantized per matmul, every layer recomputed, the loss in chunks: QLoRA's memory "
+            "at the fast engine's batches; 'lean': trade speed for peak memory (8-bit optimizer "
+            "states, checkpointing, chunked loss; the fast engine streams the base from host "
+            "memory)."
         ),
     ] = "standard"
     logging_steps: Annotated[int, Field(gt=0, description="Log every N optimizer steps.")] = 25

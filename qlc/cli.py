@@ -22,6 +22,7 @@ from qlc import __version__
 from qlc.compiler.explain import (
     Setting,
     explain,
+    input_lines,
     memory_json,
     memory_lines,
     settings_json,
@@ -107,7 +108,18 @@ def compile_path(spec_path: Path, require_lock: bool = True) -> BuildContext:
 
 
 @app.command()
-def validate(specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")]) -> None:
+def validate(
+    specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")],
+    inputs: Annotated[
+        bool,
+        typer.Option(
+            "--inputs",
+            help="Also check the inputs: paths exist, the model is of model.architecture, the "
+            "fields data.format reads are in the first rows, the chat template can mask "
+            "prompts (reads the files, and a local tokenizer).",
+        ),
+    ] = False,
+) -> None:
     """Check specs; print every problem as FILE:LINE:COL: key: message. Exit 0 or 2."""
     from qlc.compiler.context import plan_spec
 
@@ -115,15 +127,104 @@ def validate(specs: Annotated[list[Path], typer.Argument(help="Spec files to che
     for path in specs:
         try:
             source, _ = read_spec_and_lock(path)
-            _, warnings = plan_spec(source, str(path))
+            plan, warnings = plan_spec(source, str(path))
         except (SpecError, UserError) as error:
             failed = True
             err.print(str(error), markup=False)
             continue
         print_warnings([str(w) for w in warnings])
-        out.print(f"{path}: ok", markup=False)
+        if inputs and not validate_inputs(plan, path):
+            failed = True
+            continue
+        out.print(f"{path}: ok" + (" (inputs too)" if inputs else ""), markup=False)
     if failed:
         raise typer.Exit(2)
+
+
+def validate_inputs(plan: Plan, path: Path, quick: bool = False) -> bool:
+    """Print what `check_inputs` found; whether the inputs are fit to train on."""
+    from qlc.runtime.inputs import check_inputs
+
+    report = check_inputs(plan, path, quick=quick)
+    print_warnings([f"{path}: {warning}" for warning in report.warnings])
+    for problem in report.problems:
+        err.print(f"{path}: error: {problem}", markup=False)
+    if report.ok and not quick:
+        for line in report.checked:
+            out.print(f"  {line}", markup=False)
+    return report.ok
+
+
+@app.command(name="init")
+def init_command(
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="A data file (.jsonl, .json, .parquet, .csv) to train on."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Base model: a hub id (org/name) or a local directory."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The spec to write (default: <data name>.toml)."),
+    ] = None,
+) -> None:
+    """Write a first spec, commented, with the data's format and fields detected from its first
+    rows; print the next commands. An existing file is never replaced."""
+    from qlc.runtime.init_spec import InitError, init_spec
+
+    try:
+        written = init_spec(data, model, output)
+    except InitError as error:
+        raise UserError(f"error: {error}") from None
+    found = written.detected
+    out.print(f"{written.path}: format {found.format!r} ({found.how})", markup=False)
+    print_warnings(found.notes)
+    out.print("next:\n" + "\n".join(f"  {command}" for command in written.commands), markup=False)
+
+
+@app.command(name="data")
+def data_command(
+    spec: SpecArg,
+    rows: Annotated[
+        int, typer.Option("--rows", min=0, help="Training examples shown with their loss mask.")
+    ] = 3,
+    histogram: Annotated[
+        Path | None,
+        typer.Option("--histogram", help="Write the token-length histogram to this PNG."),
+    ] = None,
+    sample: Annotated[
+        int,
+        typer.Option("--sample", min=1, help="Training rows tokenized; more are estimated."),
+    ] = 5000,
+) -> None:
+    """Show the training data as training will see it (CPU, the tokenizer only): the first
+    examples rendered with their loss mask, the counts of rows left out, truncated and
+    dropped, BOS/EOS checks, the token-length histogram and the plan's steps and tokens."""
+    from qlc.compiler.context import plan_spec
+    from qlc.runtime import data_show as show
+    from qlc.runtime.data_preview import PreviewError, preview, write_histogram_png
+
+    source, _ = read_spec_and_lock(spec)
+    plan, warnings = plan_spec(source, str(spec))
+    print_warnings([str(w) for w in warnings])
+    try:
+        found = preview(plan, spec, rows, sample)
+    except PreviewError as error:
+        raise UserError(f"{spec}: {error}") from None
+    styled = out.is_terminal
+    out.print(show.legend(styled), markup=False)
+    for shown in found.shown:
+        out.print(show.example_header(shown, found.estimate.examples), markup=False)
+        out.print(show.example_text(shown, styled))
+    lengths = found.train.full_lengths
+    lines = [*show.summary_lines(found), *show.check_lines(found)]
+    lines += show.histogram_lines(lengths, plan.data.max_length) + show.schedule_lines(found)
+    out.print("\n".join(lines), markup=False)
+    if histogram is not None:
+        write_histogram_png(lengths, plan.data.max_length, histogram, f"{spec}: token lengths")
+        out.print(f"histogram: {histogram}", markup=False)
 
 
 @app.command(name="explain")
@@ -184,7 +285,7 @@ def print_explanation(
     memory_text: list[str],
 ) -> None:
     print_warnings([str(w) for w in warnings])
-    out.print("\n".join(settings_lines(plan)) + "\n", markup=False)
+    out.print("\n".join(settings_lines(plan) + input_lines(plan)) + "\n", markup=False)
     if out.is_terminal:
         table = Table("key", "value", "from", "meaning", title=f"{spec}: every spec value")
         for row in rows:
@@ -605,6 +706,8 @@ def run_command(
         extra = parse_env_options(env or [])
     except LaunchError as error:
         raise UserError(str(error)) from None
+    if target is not None and Path(target).is_file():  # a spec: its inputs before any build
+        check_spec_inputs(Path(target))
     with runtime_errors():
         try:
             result = run(target, local=local, smoke=smoke, base_image=base_image, gpus=gpus,
@@ -614,6 +717,16 @@ def run_command(
                 raise UserError(str(failure)) from None
             raise RunFailure(str(failure)) from None
     out.print(f"{result.run_dir}: {result.status} (manifest.json, report.md)", markup=False)
+
+
+def check_spec_inputs(spec: Path) -> None:
+    """The inputs checks that need no tokenizer (seconds), before a build or a launch."""
+    from qlc.compiler.context import plan_spec
+
+    source, _ = read_spec_and_lock(spec)
+    plan, _ = plan_spec(source, str(spec))
+    if not validate_inputs(plan, spec, quick=True):
+        raise UserError(f"{spec}: the inputs above must be fixed before the run (nothing ran)")
 
 
 @app.command(name="reproduce")

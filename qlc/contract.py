@@ -26,6 +26,10 @@ ENV_PLAN = "QLC_PLAN"  # path of plan.json (default: beside train.py)
 ENV_OUTPUT_DIR = "QLC_OUTPUT_DIR"  # the run directory
 ENV_MODEL_PATH = "QLC_MODEL_PATH"  # where a local model.path is mounted or found
 ENV_DATA_PATH = "QLC_DATA_PATH"  # where a local data.path is mounted or found
+# The other local inputs, as a JSON object {spec key: path where it is mounted or found}:
+# each data.sources[N].path of a mixture, data.chat_template_file
+# ({"data.sources[0].path": "/inputs/files/0/a.jsonl"}).
+ENV_INPUT_PATHS = "QLC_INPUT_PATHS"
 ENV_SMOKE = "QLC_SMOKE"  # "1": the plan's smoke variant (tiny model of the same architecture)
 ENV_NPROC = "QLC_NPROC"  # training processes on this node (CPU runs: gloo processes)
 ENV_IMAGE_ID = "QLC_IMAGE_ID"  # the image the run ran in (recorded in the manifest)
@@ -43,6 +47,7 @@ PROTOCOL_ENV = (
     ENV_OUTPUT_DIR,
     ENV_MODEL_PATH,
     ENV_DATA_PATH,
+    ENV_INPUT_PATHS,
     ENV_SMOKE,
     ENV_NPROC,
     ENV_IMAGE_ID,
@@ -159,7 +164,16 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TRAINER_RECORDS = (METRICS_FILE, DATA_REPORT_FILE, SAMPLE_FILE, SETTINGS_FILE, PLAN_FILE)
 # Files the runtime writes after the trainer ends, certified by the manifest too.
 HOST_RECORDS = (REPORT_FILE, LOSS_PLOT_FILE)
-PROGRESS_PREFIX = "QLC_PROGRESS "  # one JSON object per logging step on stdout
+PROGRESS_PREFIX = "QLC_PROGRESS "
+# Local data files by suffix: the spec accepts these, the trainer reads them by this format.
+DATA_FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def data_file_format(path: str) -> str | None:
+    """A data file's format from its suffix (None: not a data file qlc reads)."""
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return DATA_FILE_FORMATS.get(suffix)
+
 
 # ---------------------------------------------------------------------------------------------
 # Processes.
@@ -201,6 +215,11 @@ def hash_tree(root: Path) -> dict[str, str]:
         return {root.name: sha256_file(root)}
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def source_file_name(index: int, name: str) -> str:
+    """A mixture's file in the manifest's inputs.data.files: data.sources[index]'s `name`."""
+    return f"sources/{index}/{name}"
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

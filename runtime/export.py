@@ -184,7 +184,8 @@ def check_inputs(plan: Plan) -> None:
     """Refuse inputs the job cannot reach: a local model.path or data.path is a file on this
     machine, which is not in the image nor on the service. (The one place that decides which
     inputs an exported job can read.)"""
-    inputs = (("model.path", plan.model.local_path), ("data.path", plan.data.local_path))
+    files = [(file.key, file.path) for file in plan.data.local_inputs()]
+    inputs = [("model.path", plan.model.local_path), *files]
     local = [(key, value) for key, value in inputs if value is not None]
     if local:
         what = ", ".join(f"{key} = {value!r}" for key, value in local)

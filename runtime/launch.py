@@ -8,10 +8,11 @@ file: the plan is the one built (from the build context, or the image's label).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as random_tokens
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from qlc.userio import is_dir, is_file
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
 CONTAINER_MODEL_DIR = f"{contract.CONTAINER_INPUTS_DIR}/model"
 CONTAINER_DATA_DIR = f"{contract.CONTAINER_INPUTS_DIR}/data"
+CONTAINER_FILES_DIR = f"{contract.CONTAINER_INPUTS_DIR}/files"
 
 
 class LaunchError(Exception):
@@ -35,6 +37,13 @@ class LocalInputs:
     model_dir: Path | None
     data_file: Path | None
     tokenizer_dir: Path | None
+    files: dict[str, Path] = field(default_factory=dict)  # the others: {spec key: file}
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every local input found (what a container mounts)."""
+        found = [self.model_dir, self.data_file, *self.files.values()]
+        return [path for path in found if path is not None]
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,9 @@ def local_inputs(plan: Plan, spec_dir: Path, where: str) -> LocalInputs:
         data_file = _local(spec_dir, plan.data.local_path, "data.path", where, want_dir=False)
     if plan.model.tokenizer is not None and (spec_dir / plan.model.tokenizer).is_dir():
         tokenizer_dir = (spec_dir / plan.model.tokenizer).resolve()
-    return LocalInputs(model_dir, data_file, tokenizer_dir)
+    files = {file.key: _local(spec_dir, file.path, file.key, where, want_dir=False)
+             for file in plan.data.local_inputs() if file.key != "data.path"}  # fmt: skip
+    return LocalInputs(model_dir, data_file, tokenizer_dir, files)
 
 
 def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path:
@@ -83,6 +94,7 @@ def trainer_env(
     output_dir: str,
     model_path: str | None = None,
     data_path: str | None = None,
+    input_paths: Mapping[str, str] | None = None,
     smoke: bool = False,
     image: ImageRef | None = None,
     run_id: str | None = None,
@@ -98,6 +110,8 @@ def trainer_env(
         env[contract.ENV_MODEL_PATH] = model_path
     if data_path is not None:
         env[contract.ENV_DATA_PATH] = data_path
+    if input_paths:
+        env[contract.ENV_INPUT_PATHS] = json.dumps(dict(input_paths), sort_keys=True)
     if smoke:
         env[contract.ENV_SMOKE] = "1"
     if run_id is not None:
@@ -119,6 +133,17 @@ def container_paths(inputs: LocalInputs) -> tuple[str | None, str | None]:
     model = CONTAINER_MODEL_DIR if inputs.model_dir is not None else None
     data = f"{CONTAINER_DATA_DIR}/{inputs.data_file.name}" if inputs.data_file is not None else None
     return model, data
+
+
+def container_input_paths(inputs: LocalInputs) -> dict[str, str]:
+    """Where a container sees the other local inputs: one folder each (names may clash)."""
+    return {key: f"{CONTAINER_FILES_DIR}/{index}/{path.name}"
+            for index, (key, path) in enumerate(sorted(inputs.files.items()))}  # fmt: skip
+
+
+def host_input_paths(inputs: LocalInputs) -> dict[str, str]:
+    """The other local inputs where this host's Python finds them (run --local)."""
+    return {key: str(path) for key, path in inputs.files.items()}
 
 
 def container_user(image_user: str) -> str:

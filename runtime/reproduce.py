@@ -22,8 +22,8 @@ from typing import Any
 
 from rich.console import Console
 
-from qlc.compiler.plan import Plan
-from qlc.contract import PLAN_FILE, hash_tree, sha256_file
+from qlc.compiler.plan import TEMPLATE_KEY, Plan, source_key
+from qlc.contract import PLAN_FILE, hash_tree, sha256_file, source_file_name
 from qlc.runtime.docker_engine import DockerEngine, Engine, ImageInfo, PullError
 from qlc.runtime.manifest import check_subjects, manifest_edited, read_manifest
 from qlc.runtime.pull import ImageMismatch, digest_reference, pull_verified
@@ -110,7 +110,23 @@ def input_verdicts(predicate: dict[str, Any], inputs: RunInputs) -> list[Verdict
     if inputs.local.data_file is not None:
         then = (recorded.get("data") or {}).get("files") or {}
         verdicts.append(compare_files("data hash", then, hash_tree(inputs.local.data_file)))
+    if any(source_key(i) in inputs.local.files for i in range(len(inputs.plan.data.sources))):
+        verdicts.append(mixture_verdict(inputs, (recorded.get("data") or {}).get("files") or {}))
+    if TEMPLATE_KEY in inputs.local.files:
+        then = (recorded.get("chat_template") or {}).get("files") or {}
+        now = hash_tree(inputs.local.files[TEMPLATE_KEY])
+        verdicts.append(compare_files("chat template hash", then, now))
     return verdicts
+
+
+def mixture_verdict(inputs: RunInputs, then: dict[str, str]) -> Verdict:
+    """The local sources of a mixture now against the hashes the run recorded for them."""
+    local = [i for i in range(len(inputs.plan.data.sources)) if source_key(i) in inputs.local.files]
+    now = {source_file_name(i, name): digest for i in local
+           for name, digest in hash_tree(inputs.local.files[source_key(i)]).items()}  # fmt: skip
+    prefixes = tuple(source_file_name(i, "") for i in local)
+    recorded = {name: digest for name, digest in then.items() if name.startswith(prefixes)}
+    return compare_files("data sources hash", recorded, now)
 
 
 def output_verdicts(old: dict[str, Any], new: dict[str, Any]) -> list[Verdict]:

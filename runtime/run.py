@@ -37,6 +37,7 @@ from qlc.runtime.launch import (
     ImageRef,
     LaunchError,
     LocalInputs,
+    container_input_paths,
     container_paths,
     container_user,
     local_inputs,
@@ -116,7 +117,7 @@ def run_inputs(plan: Plan, spec_path: Path | None, project: Path) -> RunInputs:
             "directory; use `qlc export` for batch services"
         )
     base = spec_path.resolve().parent if spec_path is not None else project
-    has_local = plan.model.local_path is not None or plan.data.local_path is not None
+    has_local = plan.model.local_path is not None or bool(plan.data.local_inputs())
     if spec_path is None and has_local:
         raise RunInputError(
             f"the image of job {plan.job.name} reads local files (model.path / data.path) "
@@ -178,11 +179,13 @@ def container_request(
     extra_env: Mapping[str, str] | None = None,
 ) -> ContainerRequest:
     model_path, data_path = container_paths(inputs.local)
+    input_paths = container_input_paths(inputs.local)
     env = trainer_env(
         inputs.plan,
         output_dir=contract.CONTAINER_OUTPUT_DIR,
         model_path=model_path,
         data_path=data_path,
+        input_paths=input_paths,
         smoke=smoke,
         image=ImageRef(record.image_id, record.registry_digest, record.base_image),
         run_id=run_dir.name,
@@ -195,6 +198,7 @@ def container_request(
         mounts.append(Mount(str(inputs.local.model_dir), model_path))
     if inputs.local.data_file is not None and data_path is not None:
         mounts.append(Mount(str(inputs.local.data_file), data_path))
+    mounts += [Mount(str(inputs.local.files[key]), path) for key, path in input_paths.items()]
     env.update(secret_values(inputs.plan, environ))
     requested = inputs.plan.runtime.gpus if gpus is None else gpus
     return ContainerRequest(
@@ -298,9 +302,8 @@ def unreadable_inputs(inputs: RunInputs, user: str) -> list[str]:
         return []
     uid, gid = (int(part) for part in user.split(":"))
     paths: list[Path] = []
-    for root in (inputs.local.model_dir, inputs.local.data_file):
-        if root is not None:
-            paths += [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+    for root in inputs.local.paths:
+        paths += [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
     return [str(p) for p in paths if not _readable(p, uid, gid)]
 
 

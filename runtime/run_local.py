@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from qlc import contract
-from qlc.runtime.launch import trainer_env
+from qlc.runtime.launch import host_input_paths, trainer_env
 from qlc.runtime.manifest import HostView
 from qlc.runtime.run import (
     RunResult,
@@ -99,6 +99,7 @@ def run_local(
             output_dir=str(run_dir),
             model_path=str(local.model_dir) if local.model_dir else None,
             data_path=str(local.data_file) if local.data_file else None,
+            input_paths=host_input_paths(local),
             smoke=smoke,
             run_id=run_dir.name,
             extra=extra_env,

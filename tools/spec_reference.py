@@ -26,6 +26,8 @@ def _type(schema: dict[str, Any]) -> str:
         return json.dumps(schema["const"])
     if "anyOf" in schema:
         return " \\| ".join(_type(s) for s in schema["anyOf"])
+    if "$ref" in schema:
+        return "table"
     if schema.get("type") == "array":
         return f"array of {_type(schema.get('items', {}))}"
     if schema.get("type") == "object":
@@ -55,14 +57,46 @@ def reference() -> str:
     for section, field in Spec.model_fields.items():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
-        properties = schema["$defs"][model.__name__]["properties"]
         lines += [f"## [{section}]", "", field.description or "", ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += _table(model, schema)
         for name, sub in model.model_fields.items():
-            kind = _type(properties[name])
-            lines.append(f"| `{name}` | {kind} | {_default(model, name)} | {sub.description} |")
-        lines.append("")
+            listed, single = _table_of_list(sub.annotation), _optional_table(sub.annotation)
+            if listed is not None:
+                lines += [f"### [[{section}.{name}]]", "", listed.__doc__ or "", ""]
+                lines += _table(listed, schema)
+            elif single is not None:
+                lines += [f"### [{section}.{name}]", "", sub.description or "", ""]
+                lines += _table(single, schema)
     return "\n".join(lines)
+
+
+def _table(model: type[BaseModel], schema: dict[str, Any]) -> list[str]:
+    properties = schema["$defs"][model.__name__]["properties"]
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, sub in model.model_fields.items():
+        kind = _type(properties[name])
+        lines.append(f"| `{name}` | {kind} | {_default(model, name)} | {sub.description} |")
+    return [*lines, ""]
+
+
+def _table_of_list(annotation: Any) -> type[BaseModel] | None:
+    """The table type of an array-of-tables key (list[Model]), else None."""
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is list and len(args) == 1:
+        item = args[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
+
+
+def _optional_table(annotation: Any) -> type[BaseModel] | None:
+    """The table type of an optional sub-table key (Model | None), else None."""
+    tables = [
+        arg
+        for arg in getattr(annotation, "__args__", ())
+        if isinstance(arg, type) and issubclass(arg, BaseModel)
+    ]
+    return tables[0] if len(tables) == 1 else None
 
 
 if __name__ == "__main__":

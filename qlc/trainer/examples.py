@@ -20,12 +20,24 @@ class Prepared:
     examples: list[Example]
     rendered: list[Rendered]
     report: dict[str, Any]
+    full_lengths: list[int]  # each kept example's tokens before data.max_length cut it
 
 
-def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[Example, dict[str, bool]]:
+@dataclass(frozen=True)
+class Encoded:
+    """A rendered row as tokens: ids, labels, and each token's character span in the text
+    ((0, 0) for a token the tokenizer added, None for the EOS qlc appended)."""
+
+    example: Example
+    offsets: list[tuple[int, int] | None]
+    doubled_bos: bool
+    eos_added: bool
+
+
+def encode(rendered: Rendered, tokenizer: Any) -> Encoded:
     """input_ids and labels (IGNORE_INDEX = no loss) with one BOS and a trained EOS."""
     enc = tokenizer(rendered.text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     doubled_bos = bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos
     if doubled_bos:  # the text starts with BOS and the tokenizer added another
@@ -34,19 +46,27 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[Example, dict[str, boo
         tid if any(s <= start < e for s, e in rendered.trained) else IGNORE_INDEX
         for tid, (start, _end) in zip(ids, offsets, strict=True)
     ]
+    spans: list[tuple[int, int] | None] = [(int(a), int(b)) for a, b in offsets]
     eos_added = not ids or ids[-1] != eos
     if eos_added:  # the model must learn to stop
         ids.append(eos)
         labels.append(eos)
-    example: Example = {"input_ids": ids, "labels": labels}
-    return example, {"doubled_bos": doubled_bos, "eos_added": eos_added}
+        spans.append(None)
+    return Encoded({"input_ids": ids, "labels": labels}, spans, doubled_bos, eos_added)
+
+
+def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[Example, dict[str, bool]]:
+    encoded = encode(rendered, tokenizer)
+    flags = {"doubled_bos": encoded.doubled_bos, "eos_added": encoded.eos_added}
+    return encoded.example, flags
 
 
 def check_tokenizer(data: DataPlan, tokenizer: Any) -> None:
-    if data.format == "chat" and not tokenizer.chat_template:
+    if data.conversational and not tokenizer.chat_template:
         raise UserError(
-            'data.format = "chat" but the tokenizer has no chat template: set '
-            'model.tokenizer to one that has, or use format "instruction"'
+            f'data.format = "{data.format}" but the tokenizer has no chat template: set '
+            "data.chat_template, or model.tokenizer to one that has a template, or use "
+            'format "instruction"'
         )
     if not tokenizer.is_fast:
         raise UserError("the tokenizer has no fast (tokenizers) version; qlc needs its offsets")
@@ -66,6 +86,7 @@ def prepare(
     usable = usable_rows(rows, data, source, split, numbers)
     examples: list[Example] = []
     kept: list[Rendered] = []
+    lengths: list[int] = []
     counts = dict.fromkeys(COUNTS, 0)
     for row, number in zip(usable.rows, usable.numbers, strict=True):
         rendered = render_row(row, data, number, tokenizer)
@@ -74,7 +95,8 @@ def prepare(
             raise UserError(f"{source}: {split} row {number}: every token is masked from the loss")
         counts["doubled_bos_fixed"] += flags["doubled_bos"]
         counts["eos_appended"] += flags["eos_added"]
-        if len(example["input_ids"]) > data.max_length:
+        full = len(example["input_ids"])
+        if full > data.max_length:
             counts["truncated"] += 1
             example = {
                 "input_ids": example["input_ids"][: data.max_length],
@@ -85,12 +107,13 @@ def prepare(
                 continue
         examples.append(example)
         kept.append(rendered)
+        lengths.append(full)
     if not examples:
         raise UserError(
             f"no {split} example is left after truncating to data.max_length = "
             f"{data.max_length}: raise data.max_length"
         )
-    return Prepared(examples, kept, report(split, rows, usable, examples, counts, data))
+    return Prepared(examples, kept, report(split, rows, usable, examples, counts, data), lengths)
 
 
 def report(

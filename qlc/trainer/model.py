@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlc.compiler.plan import LoraPlan, ModelPlan, Plan, QuantizationPlan
+from qlc.compiler.plan import TEMPLATE_KEY, LoraPlan, ModelPlan, Plan, QuantizationPlan
 from qlc.trainer.errors import UserError
 from qlc.trainer.formats import SMOKE_CHAT_TEMPLATE
 
@@ -29,6 +29,25 @@ SMOKE_SHAPE = {
     "eos_token_id": 2,
     "tie_word_embeddings": False,
 }
+# model.architecture -> (config model_type, what its tiny model adds to SMOKE_SHAPE): the
+# features that set the architecture apart, so a smoke run exercises them.
+SMOKE_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),  # Qwen 2.5's small models tie them
+    "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
+    "gemma2": ("gemma2", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16,
+                          "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                          "tie_word_embeddings": True, "pad_token_id": 0}),
+    "gemma3": ("gemma3_text", {"head_dim": 32, "query_pre_attn_scalar": 32,
+                               "sliding_window": 16, "tie_word_embeddings": True,
+                               "layer_types": ["sliding_attention", "full_attention"],
+                               "pad_token_id": 0}),
+    "phi3": ("phi3", {"pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,7 @@ def model_source(model: ModelPlan, override: str | None) -> ModelSource:
                 f"model directory {path!r} has no config.json (relative paths start at "
                 f"{Path.cwd()}; the runtime passes the spec's model.path)"
             )
+        check_model_type(model, config_model_type(path), f"{path}/config.json")
         return ModelSource(path, None, local=True)
     return ModelSource(model.hub_id or "", model.revision, local=False)
 
@@ -102,7 +122,28 @@ def hub_failure(what: str, error: BaseException) -> UserError:
     )
 
 
-def load_tokenizer(plan: Plan, source: ModelSource) -> Any:
+def chat_template_of(plan: Plan, input_paths: Mapping[str, str] | None) -> str | None:
+    """The chat template the spec asks for instead of the tokenizer's: data.chat_template, or
+    the text of data.chat_template_file (where the launch path says it is; None: neither)."""
+    data = plan.data
+    inline: str | None = data.chat_template
+    if data.chat_template_file is None:
+        return inline
+    path: str = (input_paths or {}).get(TEMPLATE_KEY) or data.chat_template_file
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(
+            f"chat template file {path!r}: cannot read it ({error.strerror}; relative paths "
+            f"start at {Path.cwd()}; the runtime passes the spec's data.chat_template_file)"
+        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"chat template file {path!r} is not UTF-8 text") from None
+
+
+def load_tokenizer(
+    plan: Plan, source: ModelSource, input_paths: Mapping[str, str] | None = None
+) -> Any:
     from transformers import AutoTokenizer
 
     override = plan.model.tokenizer
@@ -125,6 +166,9 @@ def load_tokenizer(plan: Plan, source: ModelSource) -> Any:
         raise hub_failure(f"the tokenizer {name!r}", error) from None
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; qlc trains every example to end with it")
+    template = chat_template_of(plan, input_paths)
+    if template is not None:  # rendered by the tokenizer's sandboxed Jinja, saved with it
+        tokenizer.chat_template = template
     if tokenizer.pad_token is None:  # labels, not the pad id, decide what is trained
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -156,6 +200,7 @@ def train_smoke_tokenizer(texts: list[str], out: Path) -> None:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
+        pad_token="<unk>",  # named: a model-specific tokenizer class would add one of its own
         clean_up_tokenization_spaces=False,
     )
     wrapped.chat_template = SMOKE_CHAT_TEMPLATE
@@ -165,13 +210,40 @@ def train_smoke_tokenizer(texts: list[str], out: Path) -> None:
 def build_smoke_model(plan: Plan, rows: list[dict[str, Any]], out: Path) -> ModelSource:
     """A tiny random-weight model of model.architecture, saved for from_pretrained."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     train_smoke_tokenizer([json.dumps(row, ensure_ascii=False) for row in rows], out)
-    config = AutoConfig.for_model(plan.model.architecture, **SMOKE_SHAPE)
     torch.manual_seed(plan.job.seed)
-    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(out)
+    model = AutoModelForCausalLM.from_config(smoke_config(plan.model.architecture))
+    model.to(torch.float32).save_pretrained(out)
     return ModelSource(str(out), None, local=True)
+
+
+def smoke_config(architecture: str) -> Any:
+    """The tiny configuration of `architecture` the smoke mode trains."""
+    from transformers import AutoConfig
+
+    model_type, features = SMOKE_ARCHITECTURES[architecture]
+    return AutoConfig.for_model(model_type, **{**SMOKE_SHAPE, **features})
+
+
+def check_model_type(model: ModelPlan, model_type: Any, where: str) -> None:
+    """The model is of the architecture the plan was decided for (model.architecture)."""
+    if model_type not in model.model_types:
+        raise UserError(
+            f"{where}: model_type {model_type!r} is not model.architecture = "
+            f"{model.architecture!r} (model_type {' or '.join(model.model_types)}): set "
+            "model.architecture to the model's family"
+        )
+
+
+def config_model_type(directory: str) -> Any:
+    """The model_type a local model directory's config.json names (None if unreadable)."""
+    try:
+        config = json.loads(Path(directory, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 @contextmanager
@@ -241,6 +313,7 @@ def load_model(
                     f"cannot load the model from {source.path_or_id}: {error}"
                 ) from None
             raise hub_failure(f"the model {source.path_or_id!r}", error) from None
+    check_model_type(plan.model, model.config.model_type, source.path_or_id)
     # The reference engine trains peft's float32 upcast of every weight that is not 4-bit
     # (plan: activations float32). The fast engine computes the activations in the compute
     # dtype itself, so the upcast would only double those weights in memory.

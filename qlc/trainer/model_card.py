@@ -103,6 +103,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def dataset_names(plan: Plan, data_input: dict[str, Any]) -> list[str]:
+    if plan.data.sources:
+        return [s.hub_id or Path(str(s.local_path)).name for s in plan.data.sources]
     if plan.data.hub_id:
         return [plan.data.hub_id]
     files = sorted(data_input.get("files") or {})

@@ -13,7 +13,23 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from qlc.trainer.types import Decisions
+
 MATMULS = ("mm", "addmm", "bmm", "gemm_4bit", "_int_mm")
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size, as transformers' Trainer passes it
+
+
+def record_small_states(sizes: list[int], state_bits: int, decisions: Decisions) -> None:
+    """8-bit optimizers keep the states of small tensors in 32 bits (both engines, through
+    bitsandbytes): a run where that happens says so."""
+    small = sum(size < BNB_MIN_8BIT_SIZE for size in sizes)
+    if state_bits == 8 and small:
+        decisions.record(
+            "train.engine.optimizer.state_bits",
+            f"8 for {len(sizes) - small} tensors, 32 for {small}",
+            f"bitsandbytes keeps the states of tensors under {BNB_MIN_8BIT_SIZE} values in 32 "
+            "bits (min_8bit_size, as under transformers' Trainer)",
+        )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

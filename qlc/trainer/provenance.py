@@ -15,6 +15,7 @@ from typing import Any
 
 from qlc import contract
 from qlc.compiler.plan import Plan
+from qlc.trainer.rows import SourceRows
 from qlc.trainer.runenv import RunEnv
 
 PACKAGES = ("accelerate", "bitsandbytes", "datasets", "numpy", "peft", "pydantic", "safetensors",
@@ -141,6 +142,22 @@ def input_record(
         "path": local,
         "files": contract.hash_tree(path) if path is not None and path.exists() else {},
     }
+
+
+def mixture_record(sources: list[SourceRows]) -> dict[str, Any]:
+    """A mixture's inputs: each source's record with its weight and the rows it gave, and
+    every file's hash under sources/<index>/ (what reproduce compares)."""
+    records = []
+    files: dict[str, str] = {}
+    for index, read in enumerate(sources):
+        source = read.plan
+        record = input_record(source.hub_id, source.revision, read.local_file, "dataset")
+        records.append({**record, "split": source.split, "weight": source.weight,
+                        "rows": len(read.rows), "train_rows": read.train_rows,
+                        "eval_rows": read.eval_rows})  # fmt: skip
+        files.update({contract.source_file_name(index, name): digest
+                      for name, digest in record["files"].items()})  # fmt: skip
+    return {"id": None, "revision": None, "path": None, "files": files, "sources": records}
 
 
 def hub_snapshot(repo_id: str, revision: str | None, repo_type: str) -> Path | None:

@@ -25,14 +25,15 @@ from types import TracebackType
 from typing import Any
 
 from qlc import contract
-from qlc.compiler.plan import SMOKE_ROWS, Plan
+from qlc.compiler.plan import SMOKE_ROWS, TEMPLATE_KEY, Plan
 from qlc.trainer import launch, provenance, track
 from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
 from qlc.trainer.examples import Prepared, prepare, prompt_ids, show_example
 from qlc.trainer.model import ModelSource, build_smoke_model, load_tokenizer, model_source
 from qlc.trainer.observe import Observer
-from qlc.trainer.rows import load_rows
+from qlc.trainer.render import check_sources
+from qlc.trainer.rows import SourceRows, load_rows
 from qlc.trainer.runenv import RunEnv
 from qlc.trainer.types import (
     Decisions,
@@ -94,6 +95,7 @@ class Data:
     tokenizer: Any
     source: ModelSource
     local_data: str | None
+    sources: list[SourceRows] = field(default_factory=list)  # a mixture's
 
     @property
     def held_out_prompt(self) -> str:
@@ -201,13 +203,14 @@ class Run:
             shutil.rmtree(env.output_dir / contract.ADAPTER_STAGING_DIR, ignore_errors=True)
         # The data first: a file that cannot be read stops the run before the training stack
         # (transformers, peft) is even imported. Reading rows draws from no global generator.
-        rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None)
+        rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None, env.input_paths)
+        check_sources(rows, plan.data)
         seed_everything(plan.job.seed, plan.job.deterministic)
         if env.smoke:
             source = self.smoke_model(rows.train)
         else:
             source = model_source(plan.model, env.model_path)
-        tokenizer = load_tokenizer(plan, source)
+        tokenizer = load_tokenizer(plan, source, env.input_paths)
         train = prepare(rows.train, plan.data, tokenizer, rows.source, "train", rows.train_numbers)
         held = (
             prepare(rows.eval, plan.data, tokenizer, rows.source, "eval", rows.eval_numbers)
@@ -219,7 +222,7 @@ class Run:
             contract.write_json_atomic(env.output_dir / contract.DATA_REPORT_FILE, report)
             self.say("data: " + json.dumps(train.report))
             self.say(show_example(train.rendered[0], train.examples[0], tokenizer))
-        return Data(train, held, tokenizer, source, rows.local_file)
+        return Data(train, held, tokenizer, source, rows.local_file, rows.sources)
 
     def scale_to_world(self) -> None:
         """The plan's schedule for the processes that actually train (its own rule)."""
@@ -261,10 +264,14 @@ class Run:
             "model": provenance.input_record(
                 model_id, source.revision, source.path_or_id if source.local else None, "model"
             ),
-            "data": provenance.input_record(
-                plan.data.hub_id, plan.data.revision, data.local_data, "dataset"
-            ),
-        }
+            "data": provenance.mixture_record(data.sources) if data.sources else
+            provenance.input_record(plan.data.hub_id, plan.data.revision, data.local_data,
+                                    "dataset"),
+        }  # fmt: skip
+        if plan.data.chat_template_file is not None:
+            path = self.env.input_paths.get(TEMPLATE_KEY) or plan.data.chat_template_file
+            inputs = self.manifest["predicate"]["inputs"]
+            inputs["chat_template"] = provenance.input_record(None, None, path, "file")
 
     def train(self, model: Any, data: Data) -> TrainResult:
         env, plan = self.env, self.plan
@@ -367,7 +374,9 @@ class Run:
             "tokens_per_s": round(result.tokens_per_s, 1),
             "eval_loss": result.eval_loss,
             "final_loss": self.log.final_loss(),
-            "peak_memory_bytes": result.peak_memory_reserved or peak_memory_bytes(),
+            "peak_memory_bytes": peak_memory_bytes(),  # the whole process: load, train, sample
+            "peak_memory_reserved": result.peak_memory_reserved,  # training
+            "peak_memory_allocated": result.peak_memory_allocated,
             "time_to_first_step_s": result.time_to_first_step_s,
         }
         self.manifest["predicate"]["metrics"] = metrics

@@ -14,7 +14,7 @@ from qlc.compiler.plan import Plan
 from qlc.trainer.checkpoints import write_marker
 from qlc.trainer.errors import Interrupted
 from qlc.trainer.evaluate import token_weighted_loss
-from qlc.trainer.observe import Observer
+from qlc.trainer.observe import Observer, record_small_states
 from qlc.trainer.types import (
     Decisions,
     Example,
@@ -186,6 +186,8 @@ def train(
     # trl 1.16 casts a quantized model's LoRA weights to bf16, but resuming reloads them in
     # float32: keep peft's float32 adapters (plan: adapter_weights float32).
     trained: Any = trainer.model
+    record_small_states([p.numel() for p in trained.parameters() if p.requires_grad],
+                        plan.engine.optimizer.state_bits, decisions)  # fmt: skip
     for param in trained.parameters():
         if param.requires_grad:
             param.data = param.data.float()

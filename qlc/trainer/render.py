@@ -1,6 +1,7 @@
 """Rendering: a row -> the text training sees, with the character spans that carry loss.
 
-One function per data.format. `unusable` says why a row has no text to train on (a null,
+One function per data.format ('sharegpt' turns become chat messages through the plan's role
+mapping, then render as 'chat'). `unusable` says why a row has no text to train on (a null,
 number, object or empty string where text belongs): such rows are counted and left out, and a
 dataset where they are the majority stops before training, naming them.
 """
@@ -13,9 +14,10 @@ from typing import Any
 from qlc.compiler.plan import DataPlan
 from qlc.trainer.errors import UserError
 from qlc.trainer.formats import INSTRUCTION_TEMPLATES
-from qlc.trainer.rows import Row, shown_rows
+from qlc.trainer.rows import Row, Rows, shown_rows
 
 CHAT_ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def unusable(row: Row, data: DataPlan) -> str | None:
     for name in fields_of(data):
         if name not in row:
             return f"no field {name!r}"
+    if data.format == "sharegpt":
+        return _sharegpt_problem(row[data.messages_field], data)
     if data.format == "chat":
         return _chat_problem(row[data.messages_field], data)
     for name in fields_of(data):
@@ -89,6 +93,29 @@ def _chat_problem(messages: Any, data: DataPlan) -> str | None:
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return f"{name!r} has no assistant message with text to learn from"
     return None
+
+
+def _sharegpt_problem(turns: Any, data: DataPlan) -> str | None:
+    name = data.messages_field
+    if not isinstance(turns, list) or not turns:
+        return f"{name!r} is {_kind(turns) if turns != [] else 'an empty list'}"
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"{name!r} holds a turn without a text 'value'"
+        if turn.get("from") not in data.roles:
+            return (
+                f"{name!r} holds a turn whose 'from' is {str(turn.get('from'))[:40]!r}, which "
+                f"data.roles does not map (it maps {', '.join(data.roles)})"
+            )
+    return _chat_problem(messages_of({name: turns}, data), data)
+
+
+def messages_of(row: Row, data: DataPlan) -> list[Message]:
+    """A conversation row's messages as {role, content} (ShareGPT turns mapped by data.roles)."""
+    if data.format == "sharegpt":
+        return [{"role": data.roles[t["from"]], "content": t["value"]}
+                for t in row[data.messages_field]]  # fmt: skip
+    return [{"role": m["role"], "content": m["content"]} for m in row[data.messages_field]]
 
 
 def usable_rows(
@@ -124,6 +151,13 @@ def usable_rows(
     return Usable(kept, kept_numbers, dropped)
 
 
+def check_sources(rows: Rows, data: DataPlan) -> None:
+    """Each source of a mixture read by itself: a field missing from one source, or a source
+    of mostly unusable rows, is named here rather than diluted in the mixture."""
+    for source in rows.sources:
+        usable_rows(source.rows, data, source.name, "train")
+
+
 def render_text(row: Row, data: DataPlan) -> Rendered:
     text = str(row[data.text_field]).rstrip()
     end = text.find("[/INST]")
@@ -142,10 +176,18 @@ def render_instruction(row: Row, data: DataPlan) -> Rendered:
 
 
 def render_chat(row: Row, data: DataPlan, number: int, tokenizer: Any) -> Rendered:
-    messages = [{"role": m["role"], "content": m["content"]} for m in row[data.messages_field]]
+    return render_messages(messages_of(row, data), data, number, tokenizer)
+
+
+def render_messages(
+    messages: list[Message], data: DataPlan, number: int, tokenizer: Any
+) -> Rendered:
+    """A conversation through the chat template (data.chat_template was set on the tokenizer
+    when it loaded); with loss = "completion" every assistant turn carries loss, from after
+    the template's assistant header to the end of the turn."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
-    def render(part: list[dict[str, str]], generation: bool = False) -> str:
+    def render(part: list[Message], generation: bool = False) -> str:
         if not part:
             return ""
         try:
@@ -164,13 +206,20 @@ def render_chat(row: Row, data: DataPlan, number: int, tokenizer: Any) -> Render
         for i in assistant:
             before, after = render(messages[:i]), render(messages[: i + 1])
             if not (after.startswith(before) and text.startswith(after)):
-                raise UserError(
-                    "the tokenizer's chat template does not render a conversation as the "
-                    "prefix of a longer one, so the assistant turns cannot be found: use "
-                    'data.loss = "all"'
-                )
-            trained.append((len(before), len(after)))
+                raise UserError(NOT_PREFIX)
+            header = render(messages[:i], generation=True)
+            start = len(header) if header.startswith(before) and after.startswith(header) else (
+                len(before))  # fmt: skip
+            trained.append((start, len(after)))
     return Rendered(text, trained, render(messages[: assistant[-1]], generation=True))
+
+
+NOT_PREFIX = (
+    "the chat template does not render a conversation as the prefix of a longer one (it "
+    "rewrites earlier turns), so the assistant turns cannot be found for data.loss = "
+    '"completion": use data.loss = "all" (loss on every token), or set data.chat_template to a '
+    "template that renders each turn the same way wherever it stands"
+)
 
 
 def render_row(row: Row, data: DataPlan, number: int, tokenizer: Any) -> Rendered:
@@ -190,4 +239,4 @@ def prompt_text(prompt: str, data: DataPlan, tokenizer: Any) -> str:
         row = {data.prompt_field: prompt, data.response_field: ""}
         return render_instruction(row, data).prompt
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-    return render_chat({data.messages_field: messages}, data, 0, tokenizer).prompt
+    return render_messages(messages, data, 0, tokenizer).prompt

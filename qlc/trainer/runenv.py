@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlc import contract
@@ -25,6 +26,7 @@ class RunEnv:
     image_digest: str | None
     base_image: str | None
     profile_steps: int
+    input_paths: dict[str, str] = field(default_factory=dict)  # the other local inputs
 
     @staticmethod
     def read(environ: Mapping[str, str]) -> RunEnv:
@@ -43,9 +45,21 @@ class RunEnv:
             image_digest=environ.get(contract.ENV_IMAGE_DIGEST) or None,
             base_image=environ.get(contract.ENV_BASE_IMAGE) or None,
             profile_steps=int(profile) if profile.isdigit() else 0,
+            input_paths=_input_paths(environ.get(contract.ENV_INPUT_PATHS)),
         )
 
     @property
     def writes(self) -> bool:
         """Rank 0 writes the run's records; the other processes train their share."""
         return self.rank == 0
+
+
+def _input_paths(text: str | None) -> dict[str, str]:
+    """{spec key: path} from the launch path's JSON; anything else reads as none."""
+    try:
+        found = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): v for k, v in found.items() if isinstance(v, str)}

@@ -48,7 +48,7 @@ class DecoderSetup:
     base_weights: BaseWeights
     chunked_loss: bool
     attention: Attention
-    head_matmul: HeadMatmul
+    head_matmul: HeadMatmul | None  # None: the fused, chunked cross-entropy
 
 
 class FastDecoder:

@@ -178,6 +178,9 @@ def _loss(
         decisions.record("train.engine.attention", attention.name, why)
         matmul, how = head_matmul(device, dtypes.base)
         decisions.record("train.engine.precision.logits", "float32", how)
+        if matmul is None and plan.engine.loss == "full":  # same values, less memory
+            why = "the fused cross-entropy runs by chunks on this GPU (float32 logits, none kept)"
+            decisions.record("train.engine.loss", "chunked", why)
         setup = DecoderSetup(
             device=device,
             dtypes=dtypes,

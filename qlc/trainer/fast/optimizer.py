@@ -15,11 +15,11 @@ import torch
 
 from qlc.compiler.plan import OptimizerPlan
 from qlc.trainer.fast.proj import bitsandbytes
+from qlc.trainer.observe import BNB_MIN_8BIT_SIZE, record_small_states
 from qlc.trainer.types import Decisions
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps tensors smaller than this in 32-bit states
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -58,16 +58,8 @@ def _bitsandbytes_adamw(
     groups: list[dict[str, Any]], plan: OptimizerPlan, decisions: Decisions
 ) -> torch.optim.Optimizer:
     """bitsandbytes' AdamW as transformers' Trainer makes it for adamw_8bit / paged_adamw_*."""
-    if plan.state_bits == 8:
-        sizes = [p.numel() for g in groups for p in g["params"]]
-        small = sum(size < BNB_MIN_8BIT_SIZE for size in sizes)
-        if small:
-            decisions.record(
-                "train.engine.optimizer.state_bits",
-                f"8 for {len(sizes) - small} tensors, 32 for {small}",
-                f"bitsandbytes keeps the states of tensors under {BNB_MIN_8BIT_SIZE} values "
-                "in 32 bits (min_8bit_size, as under transformers' Trainer)",
-            )
+    record_small_states([p.numel() for g in groups for p in g["params"]], plan.state_bits,
+                        decisions)  # fmt: skip
     optimizer: torch.optim.Optimizer = bitsandbytes().optim.AdamW(
         groups,
         lr=plan.learning_rate,

@@ -58,6 +58,8 @@ SETTINGS = {
     "examples_per_step": 8,  # batch_size x grad_accum x world_size
     "group_by_length": False,  # train.group_by_length
     "data_format": "chat",  # data.format
+    "data_source_weights": None,  # data.sources[*].weight
+    "chat_template": "the tokenizer's",  # data.chat_template(_file), else the tokenizer's
     "loss_on": "completion",  # data.loss
     "max_length": 256,  # data.max_length
     "packing": False,  # data.packing

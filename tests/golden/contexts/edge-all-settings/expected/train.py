@@ -58,6 +58,8 @@ SETTINGS = {
     "examples_per_step": 32,  # batch_size x grad_accum x world_size
     "group_by_length": True,  # train.group_by_length
     "data_format": "chat",  # data.format
+    "data_source_weights": None,  # data.sources[*].weight
+    "chat_template": "the tokenizer's",  # data.chat_template(_file), else the tokenizer's
     "loss_on": "completion",  # data.loss
     "max_length": 4096,  # data.max_length
     "packing": True,  # data.packing

@@ -58,6 +58,8 @@ SETTINGS = {
     "examples_per_step": 4,  # batch_size x grad_accum x world_size
     "group_by_length": False,  # train.group_by_length
     "data_format": "text",  # data.format
+    "data_source_weights": None,  # data.sources[*].weight
+    "chat_template": None,  # data.chat_template(_file), else the tokenizer's
     "loss_on": "all",  # data.loss
     "max_length": 128,  # data.max_length
     "packing": False,  # data.packing
