@@ -213,16 +213,16 @@ class Trackers:
             return
         step, values = found
         for tracker in list(self.active):
-            self.guarded(tracker, "log", lambda t=tracker: t.log(step, values))
+            self.guarded(tracker, "log", lambda t: t.log(step, values))
 
     def finish(self, status: str) -> None:
         for tracker in list(self.active):
-            self.guarded(tracker, "finish", lambda t=tracker: t.finish(status))
+            self.guarded(tracker, "finish", lambda t: t.finish(status))
         self.active.clear()
 
-    def guarded(self, tracker: Tracker, stage: str, call: Callable[[], None]) -> None:
+    def guarded(self, tracker: Tracker, stage: str, call: Callable[[Tracker], None]) -> None:
         try:
-            call()
+            call(tracker)
         except Exception as error:
             self.active.remove(tracker)
             tracker.entry["error"] = f"{stage}: {_reason(error)}"

@@ -5,9 +5,10 @@
     def test_x(mlflow_server: str) -> None:   # "http://127.0.0.1:PORT"
         ...
 
-`mlflow server` (the dev extra's mlflow, the version qlc pins for the image's client) with a
-SQLite store and an artifact folder in a temporary directory, started once per session in a
-process group of its own and stopped (the whole group) when the session ends.
+`mlflow server` (mlflow-skinny of the track extra, the version qlc pins for the image's
+client, with the server's requirements from the dev extra) with a SQLite store and an
+artifact folder in a temporary directory, started once per session in a process group of its
+own and stopped (the whole group) when the session ends.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("mlflow.server", reason="the dev extra's mlflow runs the server")
+    pytest.importorskip("mlflow.server", reason="needs the track and dev extras")
     work = tmp_path_factory.mktemp("mlflow")
     port = free_loopback_port()
     uri = f"http://127.0.0.1:{port}"

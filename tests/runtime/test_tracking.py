@@ -2,10 +2,12 @@
 
 - TensorBoard: the shared tiny run (TensorBoard is on by default) read by TensorBoard's
   EventAccumulator: every scalar equals metrics.jsonl (as the float32 TensorBoard stores).
-- MLflow and W&B: one tiny run logging to a real `mlflow server` on loopback and to W&B in
-  offline mode; MLflow's client reads the run, its params and metric histories back, and the
-  offline run's .wandb file is read with W&B's own record protocol buffers.
-Both are compared with metrics.jsonl, step by step.
+- MLflow and W&B: one tiny run of the fast engine (the shared run trains with the reference
+  engine) logging to a real `mlflow server` on loopback and to W&B in offline mode; MLflow's
+  client reads the run, its params and metric histories back, and the offline run's .wandb file
+  is read with W&B's own record protocol buffers.
+Every tracker is compared with metrics.jsonl, step by step, and the two engines' TensorBoard
+files hold the same scalars at the same steps.
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def float32(value: float) -> float:
 
 @pytest.fixture(scope="module")
 def tracked_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """A finished tiny run (qlc run --local) logging to TensorBoard, W&B offline and MLflow."""
+    """A finished tiny run of the fast engine (qlc run --local) logging to TensorBoard, W&B
+    offline and MLflow."""
     from rich.console import Console
 
     from qlc.runtime.run_local import run_local
 
     project = tmp_path_factory.mktemp("tracked") / "project"
     spec = copy_tiny_project(project)
-    train = TRAIN + "eval_steps = 3\n"  # eval/loss at steps 3 and 6
+    train = TRAIN + 'engine = "fast"\neval_steps = 3\n'  # eval/loss at steps 3 and 6
     spec.write_bytes(tiny_spec(train) + TRACKED.format(uri=mlflow_server).encode())
     spec.with_suffix(".lock").unlink()  # the lock would pin wandb and mlflow-skinny: this Python
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
@@ -76,23 +79,51 @@ def tracked_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) ->
     return result.run_dir
 
 
-def test_tensorboard_reads_back_every_scalar_of_metrics_jsonl(trained_tiny_run: Path) -> None:
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} as TensorBoard's own reader reads the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    entry = tracking(trained_tiny_run, "tensorboard")
+    entry = tracking(run_dir, "tensorboard")
     assert entry["error"] is None and entry["log_dir"] == "tensorboard"
-    event_file = trained_tiny_run / entry["file"]
-    assert contract.sha256_file(event_file) == entry["sha256"]
-    accumulator = EventAccumulator(str(trained_tiny_run / "tensorboard"))
+    assert contract.sha256_file(run_dir / entry["file"]) == entry["sha256"]
+    accumulator = EventAccumulator(str(run_dir / entry["log_dir"]))
     accumulator.Reload()
-    expected = expected_scalars(trained_tiny_run)
-    assert set(accumulator.Tags()["scalars"]) == set(expected)
-    assert set(expected) >= {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                             "train/memory_bytes"}  # fmt: skip
-    for tag, values in expected.items():
+    found = {}
+    for tag in accumulator.Tags()["scalars"]:
         events = accumulator.Scalars(tag)
-        assert [e.step for e in events] == sorted(values), tag
-        assert [e.value for e in events] == [float32(values[s]) for s in sorted(values)], tag
+        assert [e.step for e in events] == sorted({e.step for e in events}), tag  # once each
+        found[tag] = {e.step: e.value for e in events}
+    return found
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_tensorboard_reads_back_every_scalar_of_metrics_jsonl(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    run_dir: Path = request.getfixturevalue(
+        "trained_tiny_run" if engine == "reference" else "tracked_run"
+    )
+    expected = expected_scalars(run_dir)
+    assert set(expected) >= set(TAGS["train"].values())
+    assert tensorboard_scalars(run_dir) == {
+        tag: {step: float32(value) for step, value in values.items()}
+        for tag, values in expected.items()
+    }
+
+
+def test_both_engines_log_the_same_scalars_at_the_same_steps(
+    trained_tiny_run: Path, tracked_run: Path
+) -> None:
+    """The shared run (reference engine) and the tracked run (fast engine) train the same six
+    steps, logged every step; the tracked run also evaluates at steps 3 and 6."""
+    reference, fast = tensorboard_scalars(trained_tiny_run), tensorboard_scalars(tracked_run)
+    assert {tag: sorted(v) for tag, v in reference.items()} == {
+        tag: list(range(1, 7)) for tag in TAGS["train"].values()
+    }
+    assert {tag: sorted(v) for tag, v in fast.items()} == {
+        **{tag: sorted(v) for tag, v in reference.items()},
+        "eval/loss": [3, 6],
+    }
 
 
 def test_mlflow_server_holds_the_run_its_params_and_every_metric(
@@ -148,6 +179,11 @@ def wandb_records(path: Path) -> list[Any]:
     return records
 
 
+def item_key(item: Any) -> str:
+    """A history or config item's name (W&B writes a name with '/' as its `nested_key`)."""
+    return str(item.key or "/".join(item.nested_key))
+
+
 def test_wandb_offline_run_files_hold_every_metric_and_the_settings(tracked_run: Path) -> None:
     entry = tracking(tracked_run, "wandb")
     assert entry["error"] is None and entry["mode"] == "offline" and entry["url"] is None
@@ -160,18 +196,19 @@ def test_wandb_offline_run_files_hold_every_metric_and_the_settings(tracked_run:
     assert run.run_id == tracked_run.name and run.project == "qlc-tests"
     found: dict[str, dict[int, float]] = {}
     for record in (r for r in records if r.WhichOneof("record_type") == "history"):
-        items = {item.key: json.loads(item.value_json) for item in record.history.item}
+        items = {item_key(item): json.loads(item.value_json) for item in record.history.item}
         step = items.pop("_step")
         for tag, value in items.items():
             if not tag.startswith("_"):
                 found.setdefault(tag, {})[step] = value
     assert found == expected_scalars(tracked_run)
-    config = {item.key: json.loads(item.value_json) for r in records
-              if r.WhichOneof("record_type") == "config" for item in r.config.update}  # fmt: skip
+    # the config W&B starts the run with (in its run record), then any later updates
+    updates = [run.config, *(r.config for r in records if r.WhichOneof("record_type") == "config")]
+    config = {item_key(item): json.loads(item.value_json) for c in updates for item in c.update}
     effective = contract.read_manifest_file(tracked_run / contract.MANIFEST_FILE)["predicate"][
         "effective"
     ]
-    assert {key: config[key]["value"] for key in effective} == effective
+    assert {key: config[key] for key in effective} == effective
     assert "exit" in kinds  # the run was finished, not left open
 
 
