@@ -11,6 +11,7 @@ warning, and the run goes on. Credentials come from environment variables the pl
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -83,8 +84,7 @@ class TensorBoardTracker:
 class WandbTracker:
     def __init__(self, plan: WandbPlan, out: Path, run_id: str | None,
                  config: dict[str, Any]) -> None:  # fmt: skip
-        import wandb
-
+        wandb = _client("wandb", "track.wandb")
         api_key = os.environ.get(plan.api_key_env) if plan.api_key_env else None
         if plan.mode == "online" and not api_key:
             raise RuntimeError(f"the secret {plan.api_key_env} (track.wandb.api_key) is not set")
@@ -129,6 +129,7 @@ class MlflowTracker:
             if not token:
                 raise RuntimeError(f"the secret {plan.token_env} (track.mlflow.token) is not set")
             os.environ["MLFLOW_TRACKING_TOKEN"] = token
+        _client("mlflow", "track.mlflow")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -174,6 +175,18 @@ class MlflowTracker:
     def finish(self, status: str) -> None:
         ended = {"succeeded": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(self.run_id, ended)
+
+
+def _client(module: str, key: str) -> Any:
+    """The tracker's client library; a clear error where it is missing (a --local run in a
+    Python without qlc's track extra: an image has it from its lock)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise RuntimeError(
+            f"{key} needs the {module} package, which this Python lacks ({error}): install "
+            "qlc's track extra (pip install 'qlc[track]'), or run in the image"
+        ) from None
 
 
 def _inside(path: Path, out: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,17 @@ def test_an_mlflow_server_that_is_down_costs_seconds_not_the_run(
     [entry] = trackers.entries
     assert entry["tracker"] == "mlflow" and entry["error"].startswith("start: ")
     assert trackers.active == []
+
+
+def test_a_python_without_the_trackers_client_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    plan = plan_from({**SPEC, "track": {"tensorboard": False,
+                                        "wandb": {"mode": "offline", "project": "p"}}})  # fmt: skip
+    monkeypatch.setattr(track, "_warn", lambda line: None)
+    [entry] = track.start(plan, tmp_path, "run-1", {}).entries
+    assert entry["tracker"] == "wandb" and entry["error"].startswith(
+        "start: RuntimeError: track.wandb needs the wandb package, which this Python lacks"
+    )
+    assert "pip install 'qlc[track]'" in entry["error"]
