@@ -298,7 +298,9 @@ MANIFEST_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "environment": ((_DICT,), True),
     "metrics": ((_DICT,), True),
     "records": ((_DICT,), True),
-    "tracking": ((_LIST,), True),  # one entry per tracker: where it logged, or its error
+    # one entry per tracker: where it logged, or its error (every run writes it; optional so
+    # that runs finished before trackers existed still read)
+    "tracking": ((_LIST,), False),
     "error": ((_STR, _NONE), True),
     "host": ((_DICT,), False),  # added by the runtime after the process ends
 }
