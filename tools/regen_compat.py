@@ -134,8 +134,8 @@ TRACKERS: list[dict[str, str]] = [
         "tracker": "mlflow",
         "package": "mlflow-skinny",
         "version": "3.17.2",
-        "note": "MLflow's client without the server; the tests' server is mlflow of the same "
-        "version (the dev extra)",
+        "note": "MLflow's client without the server's requirements; the tests run `mlflow "
+        "server` from this package with those requirements (the dev extra)",
     },
 ]
 
