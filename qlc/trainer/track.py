@@ -33,6 +33,7 @@ TAGS = {
 }  # fmt: skip
 RUN_ID_TAG = "qlc.run_id"  # MLflow tag naming the qlc run (a resumed run continues its run)
 MLFLOW_PARAM_MAX = 6000  # MLflow's longest parameter value
+MLFLOW_BATCH_PARAMS = 100  # the most parameters one log_batch request may carry
 # MLflow retries a failed request up to 7 times with growing pauses (minutes for a server that
 # is down): a tracker must not hold a training up that long. A setting of your own wins.
 MLFLOW_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -144,9 +145,11 @@ class MlflowTracker:
                 experiment, run_name=run_id, tags={RUN_ID_TAG: run_id or "", "qlc.job": job}
             ).info.run_id
         )
-        self.client.log_batch(self.run_id, params=[
+        listed = [
             Param(key, str(value)[:MLFLOW_PARAM_MAX]) for key, value in sorted(params.items())
-        ])  # fmt: skip
+        ]
+        for start in range(0, len(listed), MLFLOW_BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=listed[start : start + MLFLOW_BATCH_PARAMS])
         self.entry: dict[str, Any] = {
             "tracker": "mlflow",
             "uri": plan.uri,
