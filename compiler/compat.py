@@ -41,6 +41,15 @@ class StackRow(Row):
     bitsandbytes: str
     accelerate: str
     datasets: str
+    # fsspec backends for object-store inputs, locked only into plans that read them: each
+    # must accept the fsspec version the stack resolves to (s3fs pins fsspec exactly).
+    s3fs: str
+    gcsfs: str
+    adlfs: str
+
+    def object_store_pins(self, schemes: list[str]) -> list[str]:
+        packages = {"s3://": "s3fs", "gs://": "gcsfs", "az://": "adlfs"}
+        return sorted(f"{packages[s]}=={getattr(self, packages[s])}" for s in schemes)
 
 
 class TrackerPin(Row):

@@ -77,12 +77,11 @@ def compile_spec(
             ]
         )
     if lock is not None:
-        requirements, python = plan.requirements(), plan.stack.python
-        expected = lock_input_hash(requirements, python, PLATFORM)
-        wanted = describe_inputs(requirements, python, PLATFORM)
+        expected = lock_input_hash(plan.stack, plan.stack.python, PLATFORM)
+        wanted = describe_inputs(plan.stack, plan.stack.python, PLATFORM)
         try:
             check_lock(lock, expected, expected_for=wanted, spec_name=spec_name,
-                       required=requirements)  # fmt: skip
+                       required=plan.stack.requirements())  # fmt: skip
         except LockError as err:
             raise SpecError(
                 [Diagnostic(lock_file, getattr(err, "line", 1) or 1, 1, "", str(err))]

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from qlc.compiler.memory import Fit, MemoryEstimate
 from qlc.compiler.plan import Plan
-from qlc.compiler.shapes import GIB
+from qlc.compiler.shapes import GIB, Gpu
 from qlc.compiler.spec import Spec
 
 
@@ -152,6 +152,21 @@ def memory_lines(result: MemoryEstimate, fit: Fit | None) -> list[str]:
             "memory when the card is full"
         )
     return lines
+
+
+def card_warnings(plan: Plan, gpu: Gpu) -> list[str]:
+    """What the named card cannot do that the plan asks of it (bfloat16 before Ampere)."""
+    p = plan.engine.precision
+    parts = {"base_matmul": p.base_matmul, "adapter_compute": p.adapter_compute,
+             "activations": p.activations}  # fmt: skip
+    in_bf16 = [name for name, dtype in parts.items() if dtype == "bfloat16"]
+    if gpu.bf16 is not False or not in_bf16:
+        return []
+    return [
+        f"{gpu.name} has no native bfloat16, and this plan computes {', '.join(in_bf16)} in "
+        "bfloat16 (emulated: slow, or refused by kernels): set quantization.compute_dtype = "
+        '"float16" and train.mixed_precision = "fp16" or "no"'
+    ]
 
 
 def memory_json(result: MemoryEstimate, fit: Fit | None) -> dict[str, Any]:

@@ -8,9 +8,8 @@
 
 The body is what `uv pip compile --generate-hashes` writes; pip installs it with
 `--require-hashes --no-deps`. The input hash covers exactly what the resolution depends on
-(Python version, platform, index and the top-level requirements: the plan's
-`requirements()`, the training stack and the packages of the trackers the spec turns on), so
-a lock is stale exactly when one of those changes. Pure: parsing and hashing only.
+(Python version, platform, index and the top-level requirements), so a lock is stale exactly
+when one of those changes. Pure: parsing and hashing only.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from qlc.compiler.plan import Stack
 
 INDEX_URL = "https://pypi.org/simple"
 PLATFORM = "x86_64-manylinux_2_28"
@@ -72,45 +73,44 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def lock_inputs(requirements: Sequence[str], python: str, platform: str) -> dict[str, object]:
-    """Everything a lock's resolution depends on, as plain data (`requirements`: the plan's
-    top-level pins, sorted)."""
+def lock_inputs(stack: Stack, python: str, platform: str) -> dict[str, object]:
+    """Everything a lock's resolution depends on, as plain data."""
     return {
         "format": LOCK_FORMAT,
         "python": python,
         "platform": platform,
         "index": INDEX_URL,
-        "requirements": list(requirements),
+        "requirements": stack.requirements(),
     }
 
 
-def describe_inputs(requirements: Sequence[str], python: str, platform: str) -> str:
+def describe_inputs(stack: Stack, python: str, platform: str) -> str:
     """One human line naming the lock inputs (written in the header, shown when stale)."""
-    return ", ".join([f"python {python}", platform, INDEX_URL, *requirements])
+    return ", ".join([f"python {python}", platform, INDEX_URL, *stack.requirements()])
 
 
-def lock_input_hash(requirements: Sequence[str], python: str, platform: str) -> str:
+def lock_input_hash(stack: Stack, python: str, platform: str) -> str:
     """sha256 over the canonical JSON of lock_inputs: 'sha256:<hex>'."""
-    canonical = json.dumps(lock_inputs(requirements, python, platform), sort_keys=True,
+    canonical = json.dumps(lock_inputs(stack, python, platform), sort_keys=True,
                            separators=(",", ":"))  # fmt: skip
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def lock_header(requirements: Sequence[str], python: str, platform: str) -> str:
+def lock_header(stack: Stack, python: str, platform: str) -> str:
     """The two header lines qlc puts above the resolver's output."""
     return (
-        f"{INPUT_HEADER}{lock_input_hash(requirements, python, platform)}\n"
-        f"{FOR_HEADER}{describe_inputs(requirements, python, platform)}\n"
+        f"{INPUT_HEADER}{lock_input_hash(stack, python, platform)}\n"
+        f"{FOR_HEADER}{describe_inputs(stack, python, platform)}\n"
     )
 
 
-def lock_text(requirements: Sequence[str], python: str, platform: str, body: str) -> str:
+def lock_text(stack: Stack, python: str, platform: str, body: str) -> str:
     """A whole lock: the header, the sha256 of the resolver's output, then that output.
 
     The body digest lets `check_lock` refuse a lock cut at a line boundary, which otherwise
     still parses (a shorter list of valid pins)."""
     digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
-    return f"{lock_header(requirements, python, platform)}{BODY_HEADER}sha256:{digest}\n{body}"
+    return f"{lock_header(stack, python, platform)}{BODY_HEADER}sha256:{digest}\n{body}"
 
 
 def _check_body(text: str, required: bool) -> None:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from qlc.contract import EVAL_LOSS_DEFINITION, sha256_bytes
+from qlc.contract import EVAL_LOSS_DEFINITION, OBJECT_STORE_SCHEMES, sha256_bytes
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -33,6 +33,12 @@ SMOKE_MAX_LENGTH = 256
 
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unset(value: Any) -> bool:
+    """Left out of plan.json when unused: plans that do not use a newer field keep their
+    bytes (and hashes, and their images' build cache)."""
+    return value is None or value == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,11 +70,28 @@ class Stack(Frozen):
     bitsandbytes: str
     accelerate: str
     datasets: str
+    object_stores: Annotated[
+        list[str],
+        Field(
+            exclude_if=_unset,
+            description="fsspec backends of the object stores the plan reads (pins).",
+        ),
+    ] = []
+    trackers: Annotated[
+        list[str],
+        Field(
+            exclude_if=_unset,
+            description="Client packages of the trackers the plan logs to (track.wandb, "
+            "track.mlflow; pins).",
+        ),
+    ] = []
 
     def requirements(self) -> list[str]:
-        """Top-level requirements the lock is resolved from, sorted."""
+        """Top-level requirements the lock is resolved from, sorted: the stack, and the
+        object-store backends and trackers' clients only for a plan that uses them."""
         names = ("accelerate", "bitsandbytes", "datasets", "peft", "torch", "transformers", "trl")
-        return [f"{name}=={getattr(self, name)}" for name in names]
+        pins = [f"{name}=={getattr(self, name)}" for name in names]
+        return sorted([*pins, *self.object_stores, *self.trackers])
 
 
 class LockRef(Frozen):
@@ -97,6 +120,14 @@ class ModelPlan(Frozen):
     tokenizer: str | None
     trust_remote_code: bool
     architecture: str
+    uri: Annotated[
+        str | None,
+        Field(exclude_if=_unset, description="An object-store folder, downloaded at start."),
+    ] = None
+    sha256: Annotated[
+        dict[str, str] | None,
+        Field(exclude_if=_unset, description="{file: sha256} the model folder must hold."),
+    ] = None
     model_types: Annotated[
         list[str],
         Field(description="config.json model_type values of model.architecture (checked)."),
@@ -104,10 +135,10 @@ class ModelPlan(Frozen):
 
     @property
     def name(self) -> str:
-        """How people name the base model: the hub id, else the local folder's name."""
+        """How people name the base model: the hub id, else the folder's name."""
         if self.hub_id is not None:
             return self.hub_id
-        return (self.local_path or "").rstrip("/").rsplit("/", 1)[-1]
+        return (self.local_path or self.uri or "").rstrip("/").rsplit("/", 1)[-1]
 
 
 FileFormat = Literal["jsonl", "json", "parquet", "csv"]
@@ -164,6 +195,20 @@ class DataPlan(Frozen):
     loss: Literal["all", "completion"]
     max_length: int
     packing: bool
+    uri: Annotated[
+        str | None,
+        Field(exclude_if=_unset, description="An object-store file, downloaded at start."),
+    ] = None
+    sha256: Annotated[
+        str | None, Field(exclude_if=_unset, description="The sha256 the data file must have.")
+    ] = None
+    config: Annotated[
+        str | None, Field(exclude_if=_unset, description="The hub dataset's configuration.")
+    ] = None
+    data_files: Annotated[
+        list[str] | None,
+        Field(exclude_if=_unset, description="The hub dataset's files to read."),
+    ] = None
 
     @property
     def has_eval(self) -> bool:
@@ -407,10 +452,10 @@ class TrackPlan(Frozen):
     tensorboard: Annotated[bool, Field(description="Event files in <run dir>/tensorboard/.")]
     wandb: WandbPlan | None
     mlflow: MlflowPlan | None
-    packages: Annotated[
-        list[str],
-        Field(description="Pinned packages the trackers need in the image (in the lock)."),
-    ]
+
+    def clients(self) -> list[str]:
+        """The trackers with a client package ("wandb", "mlflow"), in the stack's lock."""
+        return [name for name in ("wandb", "mlflow") if getattr(self, name) is not None]
 
     @property
     def needs_network(self) -> bool:
@@ -471,13 +516,18 @@ class Plan(Frozen):
         return self.train.engine
 
     @property
+    def object_stores(self) -> list[str]:
+        """The object-store schemes the plan's inputs are read from ("s3://", ...)."""
+        return read_schemes(self.model, self.data)
+
+    @property
+    def needs_network(self) -> bool:
+        """A run reaches the hub, an object store or a tracker's server."""
+        return self.runtime.needs_hub or bool(self.object_stores) or self.track.needs_network
+
+    @property
     def schedule(self) -> Schedule:
         return self.train.schedule
-
-    def requirements(self) -> list[str]:
-        """Top-level requirements the lock is resolved from: the training stack and the
-        trackers' packages, sorted."""
-        return sorted([*self.stack.requirements(), *self.track.packages])
 
     def settings(self) -> list[SettingRow]:
         """The resolved settings, one row each with the spec key it came from: what the
@@ -592,6 +642,12 @@ class Plan(Frozen):
                 "track": self.track.model_copy(update={"wandb": None, "mlflow": None}),
             }
         )
+
+
+def read_schemes(model: ModelPlan, data: DataPlan) -> list[str]:
+    """The object-store schemes ("s3://", ...) a plan's model and data are read from."""
+    uris = [uri for uri in (model.uri, data.uri) if uri is not None]
+    return sorted({s for s in OBJECT_STORE_SCHEMES for uri in uris if uri.startswith(s)})
 
 
 def _weights(data: DataPlan) -> list[float] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from qlc.compiler.compat import CompatTable, ImageRow, TorchBuild, load_table
-from qlc.compiler.plan import BaseImage, LockRef, Plan, Stack
+from qlc.compiler.plan import BaseImage, LockRef, Plan, Stack, read_schemes
 from qlc.compiler.settle import SettleError, settle
 from qlc.compiler.spec import Runtime, Spec
 
@@ -125,7 +125,10 @@ def _select_image(runtime: Runtime, build: TorchBuild, table: CompatTable) -> Im
     return image
 
 
-def _stack(build: TorchBuild, python: str, table: CompatTable) -> Stack:
+def _stack(build: TorchBuild, python: str, table: CompatTable, schemes: list[str],
+           trackers: list[str]) -> Stack:  # fmt: skip
+    """The pinned stack: the training packages, the object-store backends the inputs need and
+    the client packages of the trackers the spec turns on."""
     row = table.stack_for(build.version)
     if row is None:
         raise ResolveError(
@@ -141,6 +144,8 @@ def _stack(build: TorchBuild, python: str, table: CompatTable) -> Stack:
         bitsandbytes=row.bitsandbytes,
         accelerate=row.accelerate,
         datasets=row.datasets,
+        object_stores=row.object_store_pins(schemes),
+        trackers=sorted(pin.pin for pin in table.tracker if pin.tracker in trackers),
     )
 
 
@@ -183,13 +188,14 @@ def resolve(
         _check_cpu_runtime(runtime)
     build = _select_torch(runtime, table)
     image = _select_image(runtime, build, table)
-    stack = _stack(build, image.python, table)
-    if runtime.gpus > 0:
-        _check_bitsandbytes(stack, table)
     try:
-        sections = settle(spec, {row.tracker: row.pin for row in table.tracker})
+        sections = settle(spec)
     except SettleError as error:
         raise ResolveError(error.key, str(error)) from None
+    schemes = read_schemes(sections["model"], sections["data"])
+    stack = _stack(build, image.python, table, schemes, sections["track"].clients())
+    if runtime.gpus > 0:
+        _check_bitsandbytes(stack, table)
     return Plan(
         qlc_version=qlc_version,
         spec_name=spec_name,

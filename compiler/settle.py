@@ -9,7 +9,6 @@ asked for it (train.memory = "lean") is a Substitution. Nothing here reads the e
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from qlc.compiler.plan import (
@@ -31,7 +30,7 @@ from qlc.compiler.plan import (
     TrainPlan,
     WandbPlan,
 )
-from qlc.compiler.spec import Spec
+from qlc.compiler.spec import URI_SCHEMES, Spec
 
 # train.memory = "lean": the 8-bit states of each 32-bit AdamW (bitsandbytes).
 LEAN_OPTIMIZERS = {
@@ -96,15 +95,25 @@ def job_plan(spec: Spec) -> JobPlan:
     )
 
 
+def remote(path: str | None) -> tuple[str | None, str | None]:
+    """(local path, object-store URI) of a spec's path."""
+    if path is not None and path.startswith(URI_SCHEMES):
+        return None, path
+    return path, None
+
+
 def model_plan(spec: Spec) -> ModelPlan:
     model = spec.model
+    local, uri = remote(model.path)
     return ModelPlan(
         hub_id=model.id,
         revision=model.revision,
-        local_path=model.path,
+        local_path=local,
         tokenizer=model.tokenizer,
         trust_remote_code=model.trust_remote_code,
         architecture=model.architecture,
+        uri=uri,
+        sha256=dict(sorted(model.sha256.items())) if model.sha256 is not None else None,
         model_types=list(MODEL_TYPES[model.architecture]),
     )
 
@@ -117,6 +126,7 @@ def data_plan(spec: Spec) -> DataPlan:
             "data.split / data.eval_split name hub dataset splits; a local file is one split: "
             "remove them and use data.eval_fraction",
         )
+    local, uri = remote(data.path)
     sources = [
         SourcePlan(
             hub_id=source.id,
@@ -131,7 +141,11 @@ def data_plan(spec: Spec) -> DataPlan:
     return DataPlan(
         hub_id=data.id,
         revision=data.revision,
-        local_path=data.path,
+        local_path=local,
+        uri=uri,
+        sha256=data.sha256,
+        config=data.config,
+        data_files=list(data.data_files) if data.data_files is not None else None,
         file_format=data.file_format,
         sources=sources,
         split=data.split,
@@ -210,13 +224,15 @@ def runtime_plan(spec: Spec) -> RuntimePlan:
         shm_size=runtime.shm_size,
         env=dict(sorted(runtime.env.items())),
         secrets=sorted(set(runtime.secrets) | tracker_secrets),
-        needs_hub=model.id is not None or data.id is not None or model.tokenizer is not None,
+        needs_hub=model.id is not None
+        or data.id is not None
+        or model.tokenizer is not None
+        or any(source.id is not None for source in data.sources),
     )
 
 
-def track_plan(spec: Spec, pins: Mapping[str, str]) -> TrackPlan:
-    """The trackers the run logs to, and the pinned packages they need in the image (`pins`:
-    tracker -> 'package==version', from the compatibility table)."""
+def track_plan(spec: Spec) -> TrackPlan:
+    """The trackers the run logs to (their client packages join the stack in resolve)."""
     track = spec.track
     wandb = mlflow = None
     if track.wandb is not None:
@@ -227,13 +243,7 @@ def track_plan(spec: Spec, pins: Mapping[str, str]) -> TrackPlan:
         m = track.mlflow
         mlflow = MlflowPlan(uri=m.uri.rstrip("/"), experiment=m.experiment or spec.job.name,
                             token_env=m.token)  # fmt: skip
-    used = [name for name, plan in (("wandb", wandb), ("mlflow", mlflow)) if plan is not None]
-    return TrackPlan(
-        tensorboard=track.tensorboard,
-        wandb=wandb,
-        mlflow=mlflow,
-        packages=sorted(pins[name] for name in used),
-    )
+    return TrackPlan(tensorboard=track.tensorboard, wandb=wandb, mlflow=mlflow)
 
 
 def schedule(spec: Spec) -> Schedule:
@@ -276,6 +286,8 @@ def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
             )
         )
     update, bits, paged = OPTIMIZERS[name]
+    if spec.runtime.distributed == "fsdp" and (paged or bits == 8):
+        _refuse_fsdp_optimizer(spec, name)
     return OptimizerPlan(
         name=name,
         update=update,
@@ -284,6 +296,20 @@ def optimizer_plan(spec: Spec, subs: list[Substitution]) -> OptimizerPlan:
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm if train.max_grad_norm > 0 else None,
+    )
+
+
+def _refuse_fsdp_optimizer(spec: Spec, name: str) -> None:
+    """bitsandbytes' optimizers update plain tensors; FSDP (FSDP2 in transformers 5) hands the
+    optimizer sharded DTensors, and the first step fails after the model has loaded."""
+    lean = name != spec.train.optimizer
+    raise SettleError(
+        "train.memory" if lean else "train.optimizer",
+        f"{name!r} (bitsandbytes) cannot update FSDP's sharded parameters"
+        + (' (memory = "lean" chose it)' if lean else "")
+        + ': use train.optimizer = "adamw_torch" (under FSDP its states are sharded too)'
+        + (', memory = "standard"' if lean else "")
+        + ', or runtime.distributed = "ddp"',
     )
 
 
@@ -423,10 +449,9 @@ def _check_fast(spec: Spec) -> None:
         )
 
 
-def settle(spec: Spec, tracker_pins: Mapping[str, str]) -> dict[str, Any]:
+def settle(spec: Spec) -> dict[str, Any]:
     """The plan's sections decided from the spec: {section: value, "substitutions": [...]}.
-    SettleError for a combination no engine honours. `tracker_pins`: the package each tracker
-    needs in the image (tracker -> 'package==version')."""
+    SettleError for a combination no engine honours."""
     subs: list[Substitution] = []
     engine = engine_plan(spec, subs)
     return {
@@ -437,6 +462,6 @@ def settle(spec: Spec, tracker_pins: Mapping[str, str]) -> dict[str, Any]:
         "lora": lora_plan(spec),
         "train": TrainPlan(schedule=schedule(spec), engine=engine),
         "runtime": runtime_plan(spec),
-        "track": track_plan(spec, tracker_pins),
+        "track": track_plan(spec),
         "substitutions": subs,
     }

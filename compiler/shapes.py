@@ -8,6 +8,7 @@ outside the package, the network or the environment.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class Gpu:
     name: str
     memory_bytes: int
     source: str
+    bf16: bool | None = True  # computes bfloat16 natively; None: unknown (a memory size only)
 
 
 def _shape(row: Mapping[str, Any]) -> ModelShape:
@@ -192,14 +194,25 @@ def known_gpus() -> list[str]:
     return [str(row["name"]) for row in _gpu_rows()]
 
 
+# "24GB", "24 GiB", "80G": a card given by its memory alone. GB is read as GiB, the way card
+# makers' "24 GB" boards hold 24 GiB.
+MEMORY_SIZE = re.compile(r"^\s*(\d{1,4}(?:\.\d{1,2})?)\s*(?:g|gb|gib)\s*$", re.IGNORECASE)
+
+
 def find_gpu(name: str) -> Gpu:
-    """A GPU by name or accepted spelling, case-insensitive; UnknownGpu lists the known ones."""
+    """A GPU by name or accepted spelling, case-insensitive, or by its memory size ("24GB");
+    UnknownGpu lists the known ones."""
     wanted = " ".join(name.lower().replace("_", " ").split())
     for row in _gpu_rows():
         spellings = [str(row["name"]), *(str(n) for n in row["names"])]
         if wanted in {" ".join(s.lower().replace("_", " ").split()) for s in spellings}:
-            return Gpu(str(row["name"]), int(row["memory_mib"]) * MIB, str(row["source"]))
+            return Gpu(str(row["name"]), int(row["memory_mib"]) * MIB, str(row["source"]),
+                       bool(row.get("bf16", True)))  # fmt: skip
+    size = MEMORY_SIZE.match(name)
+    if size is not None and float(size.group(1)) > 0:
+        gib = float(size.group(1))
+        return Gpu(f"a card of {gib:g} GiB", round(gib * GIB), "--gpu as a memory size", None)
     raise UnknownGpu(
-        f"unknown GPU {clip(repr(name))}: use one of {', '.join(known_gpus())} "
-        "(names are matched case-insensitively)"
+        f"unknown GPU {clip(repr(name))}: use one of {', '.join(known_gpus())}, or a memory "
+        "size such as 24GB (names are matched case-insensitively)"
     )

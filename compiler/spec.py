@@ -20,13 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-from qlc.contract import DATA_FILE_FORMATS, data_file_format, reserved_env
+from qlc.contract import DATA_FILE_FORMATS, OBJECT_STORE_SCHEMES, data_file_format, reserved_env
 from qlc.userio import clip
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]*$"
 JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
+URI_SCHEMES = OBJECT_STORE_SCHEMES
+SHA256 = r"^[0-9a-f]{64}$"
+OBJECT_URI = r"^(s3|gs|az)://[a-z0-9][a-z0-9._-]{1,62}(/[^\x00-\x1f\x7f]*)?$"
 Architecture = Literal["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 ChatRole = Literal["system", "user", "assistant"]
 # data.format -> the data.* keys it reads (the others do not apply to it).
@@ -36,7 +39,6 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "chat": ("messages_field", "chat_template", "chat_template_file"),
     "sharegpt": ("messages_field", "roles", "chat_template", "chat_template_file"),
 }
-URI_SCHEMES = ("s3://", "gs://", "az://")
 
 
 class Section(BaseModel):
@@ -94,6 +96,21 @@ def _no_nul(value: str) -> str:
 def _input_path(value: str) -> str:
     if "\x00" in value or not value.strip():
         raise ValueError("must be a non-empty path without NUL bytes")
+    if value.startswith(URI_SCHEMES) and not re.fullmatch(OBJECT_URI, value):
+        raise ValueError(
+            f"{clip(repr(value))} is not an object-store URI: write SCHEME://BUCKET/KEY "
+            "(s3://, gs:// or az://, a lowercase bucket or container name, no control characters)"
+        )
+    return value
+
+
+def _pinned_files(value: dict[str, str] | None) -> dict[str, str] | None:
+    for name, digest in (value or {}).items():
+        parts = name.split("/")
+        if not name or name.startswith("/") or "" in parts or ".." in parts or "\x00" in name:
+            raise RuleError("", f"{clip(repr(name))} is not a file inside the model folder")
+        if not re.fullmatch(SHA256, digest):
+            raise RuleError("", f"{name}: {clip(repr(digest))} is not a sha256 (64 hex digits)")
     return value
 
 
@@ -141,8 +158,16 @@ class Model(Section):
         str | None,
         Field(
             max_length=4096,
-            description="Local model directory (relative to the spec file "
-            "or absolute); mounted read-only.",
+            description="Local model directory (relative to the spec file or absolute; "
+            "mounted read-only), or an object-store folder (s3://, gs://, az://) downloaded "
+            "into the run directory at start with the job's own credentials.",
+        ),
+    ] = None
+    sha256: Annotated[
+        dict[str, str] | None,
+        Field(
+            description="{file: sha256} of every file of the model folder at 'path', checked "
+            "before the model loads (recommended for object stores: it pins what trains).",
         ),
     ] = None
     revision: Annotated[
@@ -174,12 +199,23 @@ class Model(Section):
     def _paths(cls, value: str | None) -> str | None:
         return None if value is None else _input_path(value)
 
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _pinned_files(value)
+
     @model_validator(mode="after")
     def _one_source(self) -> Model:
         if (self.id is None) == (self.path is None):
             raise RuleError("id", "set exactly one of 'id' (hub) or 'path' (local directory)")
         if self.revision is not None and self.id is None:
             raise RuleError("revision", "'revision' pins a hub model: use it with 'id', not 'path'")
+        if self.sha256 is not None and self.path is None:
+            raise RuleError("sha256", "'sha256' pins the files at 'path': a hub model is pinned "
+                            "by 'revision'")  # fmt: skip
+        if self.tokenizer is not None and self.tokenizer.startswith(URI_SCHEMES):
+            raise RuleError("tokenizer", "a tokenizer is a hub id or a local folder: put the "
+                            "tokenizer files in the model folder instead")  # fmt: skip
         return self
 
 
@@ -235,6 +271,9 @@ class Source(Section):
             raise RuleError("revision", "'revision' pins a hub dataset: use it with 'id'")
         if self.path is not None and "split" in self.model_fields_set:
             raise RuleError("split", "'split' names a hub dataset split; a local file is one")
+        if self.path is not None and self.path.startswith(URI_SCHEMES):
+            raise RuleError("path", "a source of data.sources is a local file or a hub dataset; "
+                            "an object-store file is read as data.path alone")  # fmt: skip
         return self
 
     @property
@@ -248,8 +287,17 @@ class Data(Section):
         str | None,
         Field(
             max_length=4096,
-            description="Local data file (.jsonl, .json, .parquet, .csv), "
-            "relative to the spec file or absolute; mounted read-only.",
+            description="Data file (.jsonl, .json, .parquet, .csv): local, relative to the "
+            "spec file or absolute (mounted read-only), or an object-store URI (s3://, gs://, "
+            "az://) downloaded into the run directory at start.",
+        ),
+    ] = None
+    sha256: Annotated[
+        str | None,
+        Field(
+            pattern=SHA256,
+            description="sha256 of the data file at 'path', checked before training "
+            "(recommended for object stores).",
         ),
     ] = None
     sources: Annotated[
@@ -264,6 +312,21 @@ class Data(Section):
     revision: Annotated[
         str | None,
         Field(pattern=REVISION, description="Hub dataset revision to pin."),
+    ] = None
+    config: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+            description="Hub dataset configuration (subset) name; only with 'id'.",
+        ),
+    ] = None
+    data_files: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1024)]] | None,
+        Field(
+            min_length=1,
+            description="Files of the hub dataset to read (paths or glob patterns in its "
+            "repository); only with 'id'.",
+        ),
     ] = None
     split: Annotated[
         str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Split to train on.")
@@ -370,6 +433,14 @@ class Data(Section):
     def _field_names(cls, value: str | None) -> str | None:
         return None if value is None else _no_nul(value)
 
+    @field_validator("data_files")
+    @classmethod
+    def _data_files(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if "\x00" in name or name.startswith("/") or ".." in name.split("/"):
+                raise ValueError(f"{clip(repr(name))} is not a path inside the dataset")
+        return value
+
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
@@ -401,12 +472,21 @@ class Data(Section):
             raise RuleError(
                 "revision", "'revision' pins a hub dataset: use it with 'id', not 'path'"
             )
+        for key in ("config", "data_files"):
+            if getattr(self, key) is not None and self.id is None:
+                raise RuleError(key, f"'{key}' selects part of a hub dataset: use it with 'id'")
+        if self.sha256 is not None and self.path is None:
+            raise RuleError("sha256", "'sha256' pins the file at 'path': a hub dataset is "
+                            "pinned by 'revision'")  # fmt: skip
         if self.eval_split is not None and self.eval_fraction > 0:
             raise RuleError("eval_fraction", "set 'eval_split' or 'eval_fraction', not both")
         if self.chat_template is not None and self.chat_template_file is not None:
             raise RuleError(
                 "chat_template_file", "set 'chat_template' (the text) or 'chat_template_file'"
             )
+        if self.chat_template_file is not None and self.chat_template_file.startswith(URI_SCHEMES):
+            raise RuleError("chat_template_file", "a chat template file is a local file: put its "
+                            "text in data.chat_template instead")  # fmt: skip
         if self.loss == "completion" and self.format == "text":
             raise RuleError(
                 "loss",
@@ -597,8 +677,8 @@ class Runtime(Section):
         Literal["ddp", "fsdp"],
         Field(
             description="With several GPUs: 'ddp' puts the 4-bit model on every GPU; 'fsdp' "
-            "shards it (set quantization.storage_dtype to the compute dtype) for models "
-            "that do not fit one card."
+            "shards it (set quantization.storage_dtype to the compute dtype, and an optimizer "
+            "that is not bitsandbytes', such as adamw_torch) for models that do not fit one card."
         ),
     ] = "ddp"
     cuda: Annotated[

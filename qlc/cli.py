@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from qlc import __version__
 from qlc.compiler.explain import (
     Setting,
+    card_warnings,
     explain,
     input_lines,
     memory_json,
@@ -235,8 +236,8 @@ def explain_command(
         str | None,
         typer.Option(
             "--gpu",
-            help="Check the memory estimate against this GPU, e.g. H100, L4: exit 1 when the "
-            "job does not fit it.",
+            help="Check the memory estimate against this GPU (H100, L4, V100, ...) or a "
+            "memory size (24GB): exit 1 when the job does not fit it.",
         ),
     ] = None,
 ) -> None:
@@ -260,6 +261,7 @@ def explain_command(
         raise UserError(f"error: --gpu: {error}") from None
     rows = explain(loaded)
     fits = True
+    print_warnings(card_warnings(plan, card) if card is not None else [])
     try:
         memory = estimate(plan, local_model_shape(spec, loaded), card)
         fit = check_fit(memory, card) if card is not None else None
@@ -706,7 +708,7 @@ def run_command(
         extra = parse_env_options(env or [])
     except LaunchError as error:
         raise UserError(str(error)) from None
-    if target is not None and Path(target).is_file():  # a spec: its inputs before any build
+    if target is not None and is_file(Path(target)):  # a spec: its inputs before any build
         check_spec_inputs(Path(target))
     with runtime_errors():
         try:

@@ -59,6 +59,10 @@ PROTOCOL_ENV = (
 )
 PROTOCOL_PREFIX = "QLC_"
 
+# Where inputs may live besides the hub and local files: object stores, read through fsspec
+# (s3fs, gcsfs, adlfs); the job reaches them with the target's own credentials.
+OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
+
 # Variables that change how a Python process loads code or where its network traffic and
 # credentials go: a spec may not set them (runtime.env), only the person running qlc.
 LOADER_ENV = (
@@ -151,6 +155,8 @@ REPORT_FILE = "report.md"
 LOSS_PLOT_FILE = "loss.png"
 RUN_LOG_FILE = "run.log"
 PUBLISH_RECORD_FILE = "published.json"  # qlc publish: where the run went (host only)
+INPUTS_CACHE_DIR = "inputs"  # object-store inputs, downloaded into the run directory
+PREEMPTED_FLAG = ".qlc-preempted"  # a process stopped on SIGTERM with a checkpoint (node script)
 ADAPTER_DIR = "adapter"
 ADAPTER_STAGING_DIR = ".adapter.partial"  # written whole, then renamed to adapter/
 ADAPTER_OLD_DIR = ".adapter.old"

@@ -66,6 +66,7 @@ class ContainerRequest:
     working_dir: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     name: str | None = None
+    aliases: tuple[str, ...] = ()  # names it answers to on a user-defined network
     cap_drop: tuple[str, ...] = ("ALL",)
     security_opt: tuple[str, ...] = ("no-new-privileges",)
     tmpfs: Mapping[str, str] = field(default_factory=dict)
@@ -110,9 +111,11 @@ class Engine(Protocol):
     def logs(self, container_id: str) -> Iterator[str]: ...
     def wait(self, container_id: str) -> int: ...
     def stop(self, container_id: str, timeout_s: int) -> None: ...
-    def kill(self, container_id: str) -> None: ...
+    def kill(self, container_id: str, signal: str = "SIGKILL") -> None: ...
     def state(self, container_id: str) -> ContainerState: ...
     def remove(self, container_id: str) -> None: ...
+    def create_network(self, name: str, labels: Mapping[str, str]) -> str: ...
+    def remove_network(self, network_id: str) -> None: ...
 
 
 def device_requests(gpus: int) -> list[dict[str, Any]]:
@@ -249,12 +252,21 @@ class DockerEngine:
                 name=request.name,
                 host_config=host_config,
                 network_disabled=request.network == "none",
+                networking_config=self._networking(request),
             )
         except self._errors.APIError as error:
             raise EngineError(
                 f"cannot create a container from {request.image}: {_short(error)}"
             ) from None
         return str(created["Id"])
+
+    def _networking(self, request: ContainerRequest) -> dict[str, Any] | None:
+        """The names a container answers to on its user-defined network (none elsewhere)."""
+        if not request.aliases:
+            return None
+        endpoint = self._api.create_endpoint_config(aliases=list(request.aliases))
+        config: dict[str, Any] = self._api.create_networking_config({request.network: endpoint})
+        return config
 
     def start(self, container_id: str) -> None:
         try:
@@ -272,8 +284,8 @@ class DockerEngine:
     def stop(self, container_id: str, timeout_s: int) -> None:
         self._api.stop(container_id, timeout=timeout_s)
 
-    def kill(self, container_id: str) -> None:
-        self._api.kill(container_id)
+    def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
+        self._api.kill(container_id, signal=signal)
 
     def state(self, container_id: str) -> ContainerState:
         state = self._api.inspect_container(container_id)["State"]
@@ -289,6 +301,18 @@ class DockerEngine:
     def remove(self, container_id: str) -> None:
         with contextlib.suppress(self._errors.NotFound):
             self._api.remove_container(container_id, force=True, v=True)
+
+    def create_network(self, name: str, labels: Mapping[str, str]) -> str:
+        """A user-defined bridge network (its containers find each other by name)."""
+        try:
+            created = self._api.create_network(name, driver="bridge", labels=dict(labels))
+        except self._errors.APIError as error:
+            raise EngineError(f"cannot create network {name!r}: {_short(error)}") from None
+        return str(created["Id"])
+
+    def remove_network(self, network_id: str) -> None:
+        with contextlib.suppress(self._errors.NotFound):
+            self._api.remove_network(network_id)
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
         return dict(self._api.inspect_container(container_id))

@@ -27,9 +27,13 @@ from qlc.compiler.render import template_environment
 from qlc.contract import (
     CONTAINER_APP_DIR,
     CONTAINER_VENV,
+    ENV_OUTPUT_DIR,
     ENV_RUN_ID,
     ENV_USER_ERROR_FILE,
+    EXIT_PREEMPTED,
     EXIT_USER_ERROR,
+    OBJECT_STORE_SCHEMES,
+    PREEMPTED_FLAG,
     PREEMPTION_GRACE_S,
     SCRIPT_FILE,
     USER_ERROR_FLAG,
@@ -37,7 +41,6 @@ from qlc.contract import (
 from qlc.runtime.launch import ImageRef, new_run_id, trainer_env
 
 TARGETS = ("kubernetes", "aws-batch", "gcp-batch", "skypilot")
-OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
 OUTPUT_MOUNT = "/qlc/output"  # where every target mounts the output bucket or volume
 RDZV_PORT = 29500
 PYTHON = f"{CONTAINER_VENV}/bin/python"
@@ -182,8 +185,10 @@ def job_gpus(plan: Plan, options: ExportOptions) -> int:
 
 def check_inputs(plan: Plan) -> None:
     """Refuse inputs the job cannot reach: a local model.path or data.path is a file on this
-    machine, which is not in the image nor on the service. (The one place that decides which
-    inputs an exported job can read.)"""
+    machine, which is not in the image nor on the service (a mixture's local sources and a
+    chat template file too); an object-store one (s3://, gs://, az://) is downloaded by the
+    job itself, with the target's credentials. (The one place that decides which inputs an
+    exported job can read.)"""
     files = [(file.key, file.path) for file in plan.data.local_inputs()]
     inputs = [("model.path", plan.model.local_path), *files]
     local = [(key, value) for key, value in inputs if value is not None]
@@ -192,7 +197,8 @@ def check_inputs(plan: Plan) -> None:
         raise ExportError(
             f"{what}: a local input, which the exported job cannot read (it is neither in the "
             "image nor on the batch service). Use a hub source instead (model.id, data.id) "
-            "or an object-store one, or package the input into the image"
+            "or upload it to an object store and give its URI as the path (s3://, gs://, "
+            "az://; pin it with model.sha256 / data.sha256)"
         )
 
 
@@ -250,10 +256,13 @@ def node_script(shape: JobShape, endpoint: str, host_test: str | None = None) ->
 
     SIGTERM is passed on to torchrun, which gives the training processes the grace period to
     checkpoint. torchrun exits 1 whatever failed; rank 0 leaves the user-error flag in the
-    shared run directory, so every node exits 2 after a user error. No user text enters it."""
+    shared run directory, so every node exits 2 after a user error, and every process that
+    stopped with a checkpoint leaves the preemption flag, so its node exits 143 (retried),
+    the node that was not signalled too. No user text enters it."""
     per_node = max(shape.gpus, 1)
     conf = ""
-    lines = [f'rm -f "${ENV_USER_ERROR_FILE}"']
+    preempted = f'"${ENV_OUTPUT_DIR}/{PREEMPTED_FLAG}"'
+    lines = [f'rm -f "${ENV_USER_ERROR_FILE}" {preempted}']
     if host_test is not None:
         lines.append(f"if {host_test}; then host=1; else host=0; fi")
         conf = ' --rdzv-conf "is_host=$host"'
@@ -266,6 +275,7 @@ def node_script(shape: JobShape, endpoint: str, host_test: str | None = None) ->
         'wait "$child"; code=$?',
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done',
         f'if [ -e "${ENV_USER_ERROR_FILE}" ]; then exit {EXIT_USER_ERROR}; fi',
+        f"if [ -e {preempted} ]; then exit {EXIT_PREEMPTED}; fi",
         'exit "$code"',
     ]
     return "\n".join(lines) + "\n"

@@ -34,6 +34,14 @@ from qlc.runtime.export import OUTPUT_MOUNT, PYTHON, Export, launch_command
 from qlc.runtime.export_gpus import COMPUTE_CAPABILITY, runs_on
 
 PROBE_TIMEOUT_S = 120
+# The variables each object store's client reads credentials (and a non-AWS endpoint) from.
+CREDENTIAL_ENV = {
+    "s3://": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+              "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"),
+    "gs://": ("GOOGLE_CLOUD_PROJECT",),
+    "az://": ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+              "AZURE_STORAGE_CONNECTION_STRING"),
+}  # fmt: skip
 # The output probe (no user text in it): each step's failure, or null, as one JSON line.
 PROBE = """
 import json, os, shutil, sys
@@ -184,6 +192,13 @@ def run_to_end(engine: Engine, request: ContainerRequest) -> tuple[int, list[str
         engine.remove(container)
 
 
+def store_credentials(plan: Plan, environ: Mapping[str, str]) -> dict[str, str]:
+    """This machine's credentials for the object stores the plan reads, passed to the smoke
+    run only (the job gets its own from the platform: IRSA, workload identity, roles)."""
+    names = [name for scheme in plan.object_stores for name in CREDENTIAL_ENV[scheme]]
+    return {name: environ[name] for name in names if environ.get(name)}
+
+
 def smoke(
     engine: Engine,
     image: str,
@@ -205,8 +220,8 @@ def smoke(
         return Finding("smoke", False, f"the secrets {', '.join(missing)} are not set here: "
                        "export them to run the smoke check (the job reads them from the "
                        "service's secret store)")  # fmt: skip
-    env = {**result.env, ENV_SMOKE: "1", **secrets}
-    network = "bridge" if plan.runtime.needs_hub else "none"
+    env = {**result.env, ENV_SMOKE: "1", **store_credentials(plan, environ), **secrets}
+    network = "bridge" if plan.needs_network else "none"
     command = tuple(launch_command())
     request = job_request(image, env, stand_in, command, network)
     title = f"smoke check of {result.target} run {result.run_id}"

@@ -10,6 +10,7 @@ by the compiler before it is written, and an existing file is never replaced.
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from qlc.compiler.spec import (
 from qlc.contract import DATA_FILE_FORMATS, data_file_format
 from qlc.trainer.errors import UserError
 from qlc.trainer.rows import Row, head_rows
+from qlc.userio import is_dir, output_problem
 
 DETECT_ROWS = 20
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # small, a chat template, in shapes.toml
@@ -72,7 +74,7 @@ def init_spec(data: Path | None, model: str | None, output: Path | None) -> Writ
     """Write a spec for `data` and `model` to `output` (default <job name>.toml)."""
     name = job_name(data)
     path = output or Path(f"{name}.toml")
-    if path.exists():
+    if os.path.lexists(path):  # False (no exception) for a name the system cannot look up
         raise InitError(f"{path} exists: qlc init never replaces a file; give -o a new name")
     base = path.resolve().parent
     detected = detect(data) if data is not None else no_data()
@@ -89,7 +91,7 @@ def init_spec(data: Path | None, model: str | None, output: Path | None) -> Writ
         with open(path, "xb") as handle:  # "x": never over an existing file
             handle.write(source)
     except OSError as error:
-        raise InitError(f"{path}: cannot write it: {error.strerror}") from None
+        raise InitError(output_problem(path, error)) from None
     spec = str(path)
     commands = [f"qlc validate --inputs {spec}", f"qlc data {spec}", f"qlc run {spec} --local"]
     return Written(path, detected, commands)
@@ -209,7 +211,7 @@ def _row_count(data: Path) -> int:
 
 
 def model_lines(model: str | None, base: Path) -> list[str]:
-    if model is not None and Path(model).is_dir():
+    if model is not None and is_dir(Path(model)):
         config = Path(model) / "config.json"
         return _section("model", Model, {"path": _relative(Path(model), base),
                                          "architecture": local_architecture(config)})  # fmt: skip

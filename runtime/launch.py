@@ -20,7 +20,7 @@ from qlc import contract
 from qlc.compiler.plan import Plan
 from qlc.userio import is_dir, is_file
 
-OBJECT_STORE_SCHEMES = ("s3://", "gs://", "az://")
+OBJECT_STORE_SCHEMES = contract.OBJECT_STORE_SCHEMES
 CONTAINER_MODEL_DIR = f"{contract.CONTAINER_INPUTS_DIR}/model"
 CONTAINER_DATA_DIR = f"{contract.CONTAINER_INPUTS_DIR}/data"
 CONTAINER_FILES_DIR = f"{contract.CONTAINER_INPUTS_DIR}/files"
@@ -81,11 +81,15 @@ def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path
 
 
 def needs_network(plan: Plan, inputs: LocalInputs) -> bool:
-    """A container needs a network only to reach the hub (a model, tokenizer or dataset id)
-    or a tracker's server (W&B online, MLflow)."""
+    """A container needs a network only to reach the hub (a model, tokenizer or dataset id,
+    a mixture's hub source), an object store (a model or data URI, downloaded at start) or a
+    tracker's server (W&B online, MLflow)."""
     tokenizer_from_hub = plan.model.tokenizer is not None and inputs.tokenizer_dir is None
-    hub = plan.model.hub_id is not None or plan.data.hub_id is not None or tokenizer_from_hub
-    return hub or plan.track.needs_network
+    data_from_hub = plan.data.hub_id is not None or any(
+        source.hub_id is not None for source in plan.data.sources
+    )
+    from_hub = plan.model.hub_id is not None or data_from_hub or tokenizer_from_hub
+    return from_hub or bool(plan.object_stores) or plan.track.needs_network
 
 
 def trainer_env(

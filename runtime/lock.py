@@ -95,9 +95,9 @@ def plan_for(spec_path: Path) -> Plan:
 
 def lock_text(plan: Plan, resolver: Resolver) -> str:
     """The full lock text for a plan: qlc header + the resolver's hash-locked output."""
-    requirements, python = plan.requirements(), plan.stack.python
-    body = resolver.compile(requirements, python, PLATFORM)
-    text = lockfile.lock_text(requirements, python, PLATFORM, body)
+    stack, python = plan.stack, plan.stack.python
+    body = resolver.compile(stack.requirements(), python, PLATFORM)
+    text = lockfile.lock_text(stack, python, PLATFORM, body)
     try:
         parse_lock(text)
     except LockError as err:

@@ -46,6 +46,7 @@ from qlc.runtime.publish import (
     record_publication,
     verified_run,
 )
+from qlc.userio import clip, output_problem
 
 ARTIFACT_TYPE = "application/vnd.qlc.run.adapter.v1"
 EMPTY_CONFIG = {
@@ -181,26 +182,30 @@ def fetch_layer(registry: Registry, layer: dict[str, Any], target: Path) -> None
 
 
 def pull_into(registry: Registry, digest: str, destination: Path) -> Path:
-    """Fetch the artifact `digest` into destination (new), verified as a publishable run."""
-    layers = parse_manifest(registry.get_manifest(digest, OCI_MANIFEST), digest)
-    destination = destination.resolve()
-    if destination.exists():
-        raise PullError(f"{destination} exists: pull into a new directory")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{destination.name}.qlc-pull-", dir=destination.parent)
-    )
+    """Fetch the artifact `digest` into destination (new), verified as a publishable run. The
+    destination is checked, and its staging folder made, before any network."""
+    if os.path.lexists(destination):
+        raise PullError(
+            f"-o {clip(str(destination), 200)}: exists: pull into a new directory with -o"
+        )
     try:
+        target = destination.resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.qlc-pull-", dir=target.parent))
+    except OSError as error:
+        raise PullError(output_problem(destination, error)) from None
+    try:
+        layers = parse_manifest(registry.get_manifest(digest, OCI_MANIFEST), digest)
         seen: set[str] = set()
         for layer in layers:
             title = safe_title((layer.get("annotations") or {}).get(TITLE), seen)
             fetch_layer(registry, layer, staging / title)
         check_pulled_run(staging)
-        os.replace(staging, destination)
+        os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return destination
+    return target
 
 
 def check_pulled_run(run_dir: Path) -> None:

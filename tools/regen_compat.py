@@ -60,6 +60,13 @@ STACKS: list[dict[str, str]] = [
         "bitsandbytes": "0.50.2",
         "accelerate": "1.15.0",
         "datasets": "5.2.0",
+        # fsspec backends (object-store inputs): s3fs pins fsspec exactly, so it is the
+        # release of the fsspec datasets 5.2.0 resolves to (<=2026.9.0); gcsfs has no
+        # 2026.9.0 and needs fsspec>=2026.7.0; adlfs needs fsspec>=2023.12.0. Checked by
+        # resolving the stack with all three (uv pip compile, python 3.11 and 3.12).
+        "s3fs": "2026.9.0",
+        "gcsfs": "2026.8.2",
+        "adlfs": "2026.8.0",
     },
 ]
 

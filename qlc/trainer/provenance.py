@@ -129,19 +129,26 @@ def record_plan(manifest: dict[str, Any], plan: Plan) -> None:
 
 
 def input_record(
-    repo_id: str | None, revision: str | None, local: str | None, repo_type: str
+    repo_id: str | None,
+    revision: str | None,
+    local: str | None,
+    repo_type: str,
+    uri: str | None = None,
 ) -> dict[str, Any]:
-    """What was read: a local path's files, or a hub repository at the commit it resolved to."""
+    """What was read: a local path's files (an object-store input: the object's URI and the
+    files of the copy downloaded into the run directory), or a hub repository at the commit
+    it resolved to."""
     path = Path(local) if local else None
     if path is None and repo_id is not None:
         path = hub_snapshot(repo_id, revision, repo_type)
         revision = path.name if path is not None else revision  # snapshots are named by commit
-    return {
+    record = {
         "id": repo_id,
         "revision": revision,
         "path": local,
         "files": contract.hash_tree(path) if path is not None and path.exists() else {},
     }
+    return record if uri is None else {**record, "uri": uri}
 
 
 def mixture_record(sources: list[SourceRows]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ own rules and recorded as a decision in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 from qlc import contract
 from qlc.compiler.plan import SMOKE_ROWS, TEMPLATE_KEY, Plan
-from qlc.trainer import launch, provenance, track
+from qlc.trainer import fetch, launch, provenance, track
 from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
 from qlc.trainer.examples import Prepared, prepare, prompt_ids, show_example
@@ -145,11 +146,13 @@ class Run:
 
     def begin(self, script: str, plan_bytes: bytes) -> None:
         out, env = self.env.output_dir, self.env
-        if not env.launched:
-            problem = contract.claim_run_dir(out, self.plan_sha256, self.plan.job.name, env.run_id)
+        if env.writes:  # rank 0, also under a launcher that is not qlc's (a job's torchrun)
+            problem = claim(out, self.plan_sha256, self.plan.job.name, env.run_id)
             if problem is not None:
                 print(f"error: {problem}", file=sys.stderr, flush=True)
+                flag_user_error(problem)
                 raise SystemExit(contract.EXIT_USER_ERROR)
+            (out / contract.PREEMPTED_FLAG).unlink(missing_ok=True)
         narrowed = launch.narrow_visible_gpus(self.plan)
         if narrowed is not None:
             self.decisions.record("visible GPUs", narrowed, "runtime.gpus of this host's GPUs")
@@ -203,13 +206,17 @@ class Run:
             shutil.rmtree(env.output_dir / contract.ADAPTER_STAGING_DIR, ignore_errors=True)
         # The data first: a file that cannot be read stops the run before the training stack
         # (transformers, peft) is even imported. Reading rows draws from no global generator.
-        rows = load_rows(plan, env.data_path, SMOKE_ROWS if env.smoke else None, env.input_paths)
+        fetched = self.fetch_inputs()
+        data_path = fetched.data_file or env.data_path
+        fetch.check_local_pins(plan, data_path, None)
+        rows = load_rows(plan, data_path, SMOKE_ROWS if env.smoke else None, env.input_paths)
         check_sources(rows, plan.data)
         seed_everything(plan.job.seed, plan.job.deterministic)
         if env.smoke:
             source = self.smoke_model(rows.train)
         else:
-            source = model_source(plan.model, env.model_path)
+            source = model_source(plan.model, fetched.model_dir or env.model_path)
+            fetch.check_local_pins(plan, None, source.path_or_id if source.local else None)
         tokenizer = load_tokenizer(plan, source, env.input_paths)
         train = prepare(rows.train, plan.data, tokenizer, rows.source, "train", rows.train_numbers)
         held = (
@@ -223,6 +230,15 @@ class Run:
             self.say("data: " + json.dumps(train.report))
             self.say(show_example(train.rendered[0], train.examples[0], tokenizer))
         return Data(train, held, tokenizer, source, rows.local_file, rows.sources)
+
+    def fetch_inputs(self) -> fetch.Fetched:
+        """Object-store inputs into the run directory: rank 0 downloads (the run directory is
+        shared by every node), the others read what it fetched."""
+        fetched = None
+        if self.env.writes and self.plan.object_stores:
+            fetched = fetch.fetch_inputs(self.plan, self.env.output_dir, model=not self.env.smoke)
+        found = launch.broadcast(fetched, self.env)
+        return found if isinstance(found, fetch.Fetched) else fetch.Fetched(None, None)
 
     def scale_to_world(self) -> None:
         """The plan's schedule for the processes that actually train (its own rule)."""
@@ -260,13 +276,15 @@ class Run:
     def record_inputs(self, data: Data) -> None:
         plan, source = self.plan, data.source
         model_id = None if self.env.smoke else plan.model.hub_id
+        model_uri = None if self.env.smoke else plan.model.uri
         self.manifest["predicate"]["inputs"] = {
             "model": provenance.input_record(
-                model_id, source.revision, source.path_or_id if source.local else None, "model"
+                model_id, source.revision, source.path_or_id if source.local else None, "model",
+                uri=model_uri,
             ),
             "data": provenance.mixture_record(data.sources) if data.sources else
             provenance.input_record(plan.data.hub_id, plan.data.revision, data.local_data,
-                                    "dataset"),
+                                    "dataset", uri=plan.data.uri),
         }  # fmt: skip
         if plan.data.chat_template_file is not None:
             path = self.env.input_paths.get(TEMPLATE_KEY) or plan.data.chat_template_file
@@ -418,8 +436,8 @@ class Run:
         elif isinstance(error, UserError):
             message, self.code = str(error), contract.EXIT_USER_ERROR
             print(f"error: {error}", file=sys.stderr, flush=True)
-            if self.env.writes and os.environ.get(contract.ENV_USER_ERROR_FILE):
-                Path(os.environ[contract.ENV_USER_ERROR_FILE]).write_text(message + "\n")
+            if self.env.writes:
+                flag_user_error(message)
         else:
             message, handled = f"{type(error).__name__}: {error}", False
         self.decisions.echo = None
@@ -437,11 +455,36 @@ class Run:
         signum = signal.Signals[error.signal_name]
         if error.checkpoint is not None:
             self.code = contract.EXIT_PREEMPTED
+            # Every process that stopped so says it where its node's script looks (torchrun
+            # exits 1 whatever ended its processes): the node exits 143, which is retried.
+            with contextlib.suppress(OSError):
+                (self.env.output_dir / contract.PREEMPTED_FLAG).touch()
             return (
                 f"stopped by {error.signal_name}; {error.checkpoint} saved: the run resumes from it"
             )
         self.code = 128 + int(signum)
         return f"stopped by {error.signal_name}"
+
+
+def claim(out: Path, plan_sha256: str, job: str, run_id: str | None) -> str | None:
+    """The run directory claimed for this plan, or why not (one the process cannot write
+    too: an output volume the job's user may not write is the user's to fix)."""
+    try:
+        return contract.claim_run_dir(out, plan_sha256, job, run_id)
+    except OSError as error:
+        return (
+            f"cannot create the run directory {out}: {error.strerror or error} (as uid "
+            f"{os.getuid()}, gid {os.getgid()}): the output location must let this user "
+            "create, write and rename files (its owner, or a group it is in)"
+        )
+
+
+def flag_user_error(message: str) -> None:
+    """Tell the launcher (qlc's, or a job's node script) that the run stopped on a user error."""
+    flag = os.environ.get(contract.ENV_USER_ERROR_FILE)
+    if flag:
+        with contextlib.suppress(OSError):
+            Path(flag).write_text(message + "\n")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -82,6 +82,24 @@ def fsdp_args(plan: Plan, world_size: int) -> dict[str, Any]:
     }
 
 
+def agreed_stop(stop: StopFlag) -> bool:
+    """Whether every process stops after this step: any one of them was signalled (SIGTERM
+    may reach one node of a job only, or the processes at different steps), so all save the
+    same step's checkpoint and none waits in a collective the others left."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return stop.requested
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    flag = torch.tensor([int(stop.requested)], device=device)
+    dist.all_reduce(flag)
+    if flag.item() and not stop.requested:
+        stop.signal_name = "SIGTERM"  # another process was signalled: stop as it does
+    return bool(flag.item())
+
+
 def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
               evaluate: Any, observer: Observer) -> Any:  # fmt: skip
     """The one callback that reports (metrics.jsonl), evaluates (token-weighted, at eval_steps),
@@ -116,7 +134,7 @@ def callbacks(plan: Plan, plan_sha256: str, log: MetricsLog, stop: StopFlag,
             if eval_steps and state.global_step % eval_steps == 0:
                 value = evaluate(state.global_step)
                 log({"event": "eval", "step": state.global_step, "eval_loss": value})
-            if stop.requested:  # save this step's checkpoint, then stop
+            if agreed_stop(stop):  # save this step's checkpoint, then stop
                 control.should_save = True
                 control.should_training_stop = True
 

@@ -161,12 +161,22 @@ def _why(error: ValueError) -> str:
     return str(getattr(error, "msg", error))
 
 
-def hub_rows(hub_id: str, revision: str | None, split: str, token: str | None) -> list[Row]:
-    """A hub dataset's split; no hub (offline, a missing dataset) is a UserError."""
+def hub_rows(
+    hub_id: str,
+    revision: str | None,
+    split: str,
+    token: str | None,
+    config: str | None = None,
+    data_files: list[str] | None = None,
+) -> list[Row]:
+    """A hub dataset's split (of its config, from some of its files); no hub (offline, a
+    missing dataset) is a UserError."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(hub_id, revision=revision, split=split, token=token)
+        dataset = datasets.load_dataset(
+            hub_id, name=config, data_files=data_files, revision=revision, split=split, token=token
+        )
     except Exception as error:  # network, authentication, unknown split: all the user's to fix
         raise UserError(
             f"cannot load dataset {hub_id!r} (split {split!r}) from the Hugging Face hub: "
@@ -199,10 +209,10 @@ def load_rows(
         file_format = data_file_format(path) or data.file_format or "jsonl"
         rows, eval_rows = read_file(path, file_format), []
     else:
-        hub_id = data.hub_id or ""
-        rows = hub_rows(hub_id, data.revision, data.split, token)
+        hub_id, part = data.hub_id or "", (data.config, data.data_files)
+        rows = hub_rows(hub_id, data.revision, data.split, token, *part)
         eval_rows = [] if data.eval_split is None else hub_rows(
-            hub_id, data.revision, data.eval_split, token)  # fmt: skip
+            hub_id, data.revision, data.eval_split, token, *part)  # fmt: skip
     if smoke_rows is not None:
         rows, eval_rows = rows[:smoke_rows], eval_rows[: smoke_rows // 4]
     numbers, eval_numbers = list(range(1, len(rows) + 1)), list(range(1, len(eval_rows) + 1))

@@ -176,7 +176,9 @@ def test_dockerfile_shape(case: str) -> None:
     assert users == ["10001:10001"]
     installs = [i["value"] for i in parser.structure if "pip install" in i["value"]]
     assert len(installs) == 1 and "--require-hashes" in installs[0] and "--no-deps" in installs[0]
-    assert parser.structure[-1]["instruction"] == "ENTRYPOINT"
+    # The command is CMD and nothing is an ENTRYPOINT: a job file's command replaces it
+    assert parser.structure[-1]["instruction"] == "CMD"
+    assert not [i for i in parser.structure if i["instruction"] == "ENTRYPOINT"]
 
 
 @pytest.mark.parametrize("case", SHIPPED)

@@ -74,6 +74,18 @@ def test_a_role_outside_system_user_assistant_is_refused_at_its_line() -> None:
     assert 'x.toml:9:11: data.roles.bot: must be one of "system", "user" or "assistant"' in message
 
 
+def test_a_mixture_with_a_hub_source_needs_the_network() -> None:
+    from qlc.runtime.launch import LocalInputs, needs_network
+
+    local = {"id": None, "path": "m", "architecture": "llama"}
+    mixed = [{"path": "a.jsonl"}, {"id": "org/b"}]
+    plan = plan_with(model=local, data={"path": None, "sources": mixed})
+    assert plan.runtime.needs_hub and needs_network(plan, LocalInputs("m", None, None))
+    offline = plan_with(model=local, data={"path": None, "sources": [{"path": "a.jsonl"}]})
+    assert not offline.runtime.needs_hub
+    assert not needs_network(offline, LocalInputs("m", None, None))
+
+
 def test_mixture_sources_are_planned_with_their_weights_and_local_files() -> None:
     plan = plan_with(
         data={

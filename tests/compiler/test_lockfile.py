@@ -31,19 +31,17 @@ BODY = (
 
 
 def lock_for(stack: Stack = STACK, body: str = BODY) -> str:
-    return lock_text(stack.requirements(), stack.python, PLATFORM, body)
+    return lock_text(stack, stack.python, PLATFORM, body)
 
 
 def test_input_hash_is_stable_and_covers_each_input() -> None:
-    base = lock_input_hash(STACK.requirements(), "3.12", PLATFORM)
-    assert base == lock_input_hash(STACK.requirements(), "3.12", PLATFORM)
+    base = lock_input_hash(STACK, "3.12", PLATFORM)
+    assert base == lock_input_hash(STACK, "3.12", PLATFORM)
     assert base.startswith("sha256:") and len(base) == 71
     others = {
-        lock_input_hash(STACK.requirements(), "3.11", PLATFORM),
-        lock_input_hash(STACK.requirements(), "3.12", "aarch64-manylinux_2_28"),
-        lock_input_hash(
-            STACK.model_copy(update={"peft": "0.21.3"}).requirements(), "3.12", PLATFORM
-        ),
+        lock_input_hash(STACK, "3.11", PLATFORM),
+        lock_input_hash(STACK, "3.12", "aarch64-manylinux_2_28"),
+        lock_input_hash(STACK.model_copy(update={"peft": "0.21.3"}), "3.12", PLATFORM),
     }
     assert base not in others and len(others) == 3
 
@@ -51,9 +49,7 @@ def test_input_hash_is_stable_and_covers_each_input() -> None:
 def test_input_hash_ignores_what_resolution_does_not_depend_on() -> None:
     # CUDA is implied by the torch pin; it is not a resolver input.
     other = STACK.model_copy(update={"cuda": "12.8"})
-    assert lock_input_hash(other.requirements(), "3.12", PLATFORM) == lock_input_hash(
-        STACK.requirements(), "3.12", PLATFORM
-    )
+    assert lock_input_hash(other, "3.12", PLATFORM) == lock_input_hash(STACK, "3.12", PLATFORM)
 
 
 def test_parse_lock_reads_pins_hashes_and_header() -> None:
@@ -61,8 +57,8 @@ def test_parse_lock_reads_pins_hashes_and_header() -> None:
     assert [r.pin for r in lock.requirements] == ["accelerate==1.15.0", "torch==2.13.0"]
     assert lock.requirements[0].hashes == (H1, H2)
     assert lock.requirements[1].line == 9  # after three header lines
-    assert lock.input_hash == lock_input_hash(STACK.requirements(), "3.12", PLATFORM)
-    assert lock.resolved_for == describe_inputs(STACK.requirements(), "3.12", PLATFORM)
+    assert lock.input_hash == lock_input_hash(STACK, "3.12", PLATFORM)
+    assert lock.resolved_for == describe_inputs(STACK, "3.12", PLATFORM)
     assert lock.version_of("Accelerate") == "1.15.0" and lock.version_of("nope") is None
 
 
@@ -96,13 +92,13 @@ def test_lock_without_header_is_rejected() -> None:
 
 def test_check_lock_accepts_fresh_and_rejects_stale() -> None:
     data = lock_for().encode()
-    expected = lock_input_hash(STACK.requirements(), "3.12", PLATFORM)
+    expected = lock_input_hash(STACK, "3.12", PLATFORM)
     assert check_lock(data, expected).requirements[0].name == "accelerate"
     newer = STACK.model_copy(update={"trl": "1.17.0"})
-    wanted = describe_inputs(newer.requirements(), "3.12", PLATFORM)
+    wanted = describe_inputs(newer, "3.12", PLATFORM)
     with pytest.raises(LockError) as caught:
-        check_lock(data, lock_input_hash(newer.requirements(), "3.12", PLATFORM),
-                   expected_for=wanted, spec_name="specs/x.toml")  # fmt: skip
+        check_lock(data, lock_input_hash(newer, "3.12", PLATFORM), expected_for=wanted,
+                   spec_name="specs/x.toml")  # fmt: skip
     message = str(caught.value)
     assert message.startswith("stale: resolved for python 3.12")
     assert "trl==1.16.0" in message and "the spec now needs" in message and "trl==1.17.0" in message
@@ -134,26 +130,6 @@ def test_committed_locks_are_fresh_for_their_specs(path: Path) -> None:
     plan = resolve(spec, spec_name=spec_path.name, spec_sha256="0" * 64, qlc_version="0",
                    lock=None)  # fmt: skip
     python = plan.stack.python
-    check_lock(path.read_bytes(), lock_input_hash(plan.requirements(), python, PLATFORM),
-               expected_for=describe_inputs(plan.requirements(), python, PLATFORM),
+    check_lock(path.read_bytes(), lock_input_hash(plan.stack, python, PLATFORM),
+               expected_for=describe_inputs(plan.stack, python, PLATFORM),
                spec_name=str(spec_path))  # fmt: skip
-
-
-def test_a_tracker_package_is_a_lock_input_so_the_untracked_lock_is_stale() -> None:
-    from qlc.compiler.context import compile_spec
-    from qlc.compiler.load import SpecError
-
-    source = (SPECS / "tiny.toml").read_bytes()
-    lock = (SPECS / "tiny.lock").read_bytes()
-    untracked = compile_spec(source, "specs/tiny.toml", lock).plan
-    tracked_source = source + b'\n[track.wandb]\nmode = "offline"\nproject = "p"\n'
-    with pytest.raises(SpecError) as caught:
-        compile_spec(tracked_source, "specs/tiny.toml", lock)
-    message = str(caught.value)
-    assert "stale" in message and "wandb==0.31.0" in message and "qlc lock" in message
-    tracked = compile_spec(tracked_source, "specs/tiny.toml", require_lock=False).plan
-    assert tracked.requirements() == sorted([*untracked.requirements(), "wandb==0.31.0"])
-    python = tracked.stack.python
-    assert lock_input_hash(tracked.requirements(), python, PLATFORM) != lock_input_hash(
-        untracked.requirements(), python, PLATFORM
-    )

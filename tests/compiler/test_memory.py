@@ -258,8 +258,23 @@ def test_gpu_names() -> None:
     assert {"H100", "H200", "A100-80GB", "A100-40GB", "L4", "A10G", "T4", "RTX 4090"} <= set(
         known_gpus()
     )
-    with pytest.raises(UnknownGpu, match=r"H100.*T4"):
+    with pytest.raises(UnknownGpu, match=r"H100.*T4.*24GB"):
         find_gpu("Voodoo2")
+    assert {"V100", "A6000", "A10", "L40", "B200"} <= set(known_gpus())
+    assert not find_gpu("V100").bf16 and not find_gpu("T4").bf16 and find_gpu("A10").bf16
+
+
+@pytest.mark.parametrize("size, gib", [("24GB", 24), ("24 GiB", 24), ("80g", 80), ("7.5GB", 7.5)])
+def test_a_card_given_by_its_memory_size(size: str, gib: float) -> None:
+    card = find_gpu(size)
+    assert card.memory_bytes == round(gib * 2**30) and card.bf16 is None
+    assert "card of" in card.name
+
+
+@pytest.mark.parametrize("size", ["0GB", "24TB", "GB", "-4GB", "24 G B"])
+def test_a_size_that_is_no_size_is_an_unknown_gpu(size: str) -> None:
+    with pytest.raises(UnknownGpu):
+        find_gpu(size)
 
 
 def test_estimate_reads_the_plan_s_decisions() -> None:
@@ -285,6 +300,22 @@ def test_explain_gpu_prints_terms_peak_context_and_fit() -> None:
     for expected in ("base.weights_4bit", "activations.layer_boundaries", "predicted peak reserved",
                      "CUDA context", "on H100", "fits"):  # fmt: skip
         assert expected in text
+
+
+def test_explain_warns_where_the_card_has_no_bfloat16(tmp_path: Path) -> None:
+    spec = tmp_path / "bf16.toml"
+    spec.write_text(GUANACO.replace('compute_dtype = "float16"', 'compute_dtype = "bfloat16"'))
+    old = qlc("explain", str(spec), "--gpu", "V100")
+    assert old.returncode == 0, old.stderr
+    assert "V100 has no native bfloat16" in old.stderr and "base_matmul" in old.stderr
+    assert "bfloat16" not in qlc("explain", str(spec), "--gpu", "A10").stderr
+    assert "no native" not in qlc("explain", "specs/guanaco.toml", "--gpu", "T4").stderr
+
+
+def test_explain_says_does_not_fit_and_exits_1() -> None:
+    result = qlc("explain", "specs/guanaco.toml", "--gpu", "6GB")
+    assert result.returncode == 1, result.stderr
+    assert "on a card of 6 GiB" in result.stdout and "does NOT fit" in result.stdout
 
 
 def test_explain_unknown_gpu_lists_the_known_ones() -> None:

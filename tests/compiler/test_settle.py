@@ -3,6 +3,7 @@ with the spec key and the fix; what differs because the spec asked for it is a s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -66,6 +67,20 @@ def test_fast_engine_refuses_packing_and_fsdp() -> None:
         runtime={"gpus": 2, "distributed": "fsdp"},
         quantization={"storage_dtype": "float16"},
     )
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"])
+def test_bitsandbytes_optimizers_under_fsdp_are_refused_with_the_fix(optimizer: str) -> None:
+    fsdp = {"gpus": 2, "distributed": "fsdp"}
+    stored = {"storage_dtype": "float16"}
+    message = refused("train.optimizer", train={"optimizer": optimizer}, runtime=fsdp,
+                      quantization=stored)  # fmt: skip
+    assert 'train.optimizer = "adamw_torch"' in message and 'distributed = "ddp"' in message
+    lean = refused("train.memory", train={"memory": "lean", "optimizer": "adamw_torch"},
+                   runtime=fsdp, quantization=stored)  # fmt: skip
+    assert 'memory = "standard"' in lean
+    plan = plan_with(train={"optimizer": "adamw_torch"}, runtime=fsdp, quantization=stored)
+    assert plan.engine.distributed == "fsdp" and plan.engine.optimizer.state_bits == 32
 
 
 def test_lean_substitutions_are_named_with_their_reason() -> None:
@@ -155,6 +170,66 @@ def test_settings_name_every_value_with_its_spec_key() -> None:
     assert values["lora_scale"] == 16 / 64 and values["examples_per_step"] == 4
 
 
+# --- inputs: object stores and hub dataset parts (issue 16) ----------------------------------
+
+PIN = "ab" * 32
+
+
+def test_object_store_inputs_are_uris_in_the_plan_and_lock_their_backend_only() -> None:
+    plan = plan_with(
+        model={"id": None, "path": "s3://bucket/models/m", "sha256": {"config.json": PIN}},
+        data={"id": None, "path": "gs://bucket/d/train.jsonl", "sha256": PIN},
+    )
+    assert (plan.model.uri, plan.model.local_path) == ("s3://bucket/models/m", None)
+    assert (plan.data.uri, plan.data.local_path, plan.data.file_format) == (
+        "gs://bucket/d/train.jsonl", None, "jsonl")  # fmt: skip
+    assert plan.model.sha256 == {"config.json": PIN} and plan.data.sha256 == PIN
+    assert plan.object_stores == ["gs://", "s3://"] and plan.needs_network
+    assert plan.stack.object_stores == ["gcsfs==2026.8.2", "s3fs==2026.9.0"]
+    assert "s3fs==2026.9.0" in plan.stack.requirements()
+    local = plan_with()
+    assert local.stack.object_stores == [] and not any(
+        "fs==" in pin for pin in local.stack.requirements()
+    )
+    dumped = local.model_dump(mode="json")  # plans without them keep their bytes and hashes
+    assert "object_stores" not in dumped["stack"] and "uri" not in dumped["data"]
+
+
+def test_a_hub_dataset_config_and_files_reach_the_plan() -> None:
+    plan = plan_with(data={"config": "en", "data_files": ["train/*.parquet"]})
+    assert plan.data.config == "en" and plan.data.data_files == ["train/*.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("data", {"sha256": PIN}, "'sha256' pins the file at 'path'"),
+        ("data", {"id": None, "path": "d.jsonl", "config": "en"}, "'config' selects part"),
+        ("data", {"id": None, "path": "s3://Bad_Bucket/d.jsonl"}, "not an object-store URI"),
+        ("data", {"id": None, "path": "s3://bucket/d.jsonl", "sha256": "beef"}, "should match"),
+        ("model", {"sha256": {"config.json": PIN}}, "a hub model is pinned by 'revision'"),
+        ("model", {"id": None, "path": "m", "sha256": {"../x": PIN}}, "not a file inside"),
+        ("model", {"tokenizer": "s3://bucket/tok"}, "a tokenizer is a hub id or a local"),
+        (
+            "data",
+            {"id": None, "sources": [{"path": "s3://bucket/d.jsonl"}]},
+            "an object-store file is read as data.path alone",
+        ),
+        (
+            "data",
+            {"format": "chat", "chat_template_file": "s3://bucket/t.jinja"},
+            "a chat template file is a local file",
+        ),
+    ],
+)
+def test_input_pins_and_parts_are_refused_where_they_mean_nothing(
+    section: str, values: dict[str, Any], message: str
+) -> None:
+    document = {**BASE, section: {**BASE[section], **values}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Spec.model_validate(document)
+
+
 # -- track: where the metrics go, what the image needs for it, which secrets and network
 WANDB = {"mode": "online", "project": "p", "entity": "team"}
 MLFLOW = {"uri": "https://mlflow.example.org/", "token": "MLFLOW_TOKEN"}
@@ -163,7 +238,7 @@ MLFLOW = {"uri": "https://mlflow.example.org/", "token": "MLFLOW_TOKEN"}
 def test_tensorboard_alone_by_default_needs_no_package_secret_or_network() -> None:
     plan = plan_with()
     assert plan.track.tensorboard and plan.track.wandb is None and plan.track.mlflow is None
-    assert plan.track.packages == [] and plan.requirements() == plan.stack.requirements()
+    assert plan.stack.trackers == [] and "trackers" not in plan.stack.model_dump()
     assert not plan.track.needs_network and plan.runtime.secrets == []
     rows = {row.name: row for row in plan.settings()}
     assert rows["trackers"].value == ["tensorboard: <run dir>/tensorboard"]
@@ -173,8 +248,8 @@ def test_trackers_pin_their_packages_name_their_secrets_and_need_a_network() -> 
     plan = plan_with(track={"wandb": WANDB, "mlflow": MLFLOW},
                      runtime={"secrets": ["HF_TOKEN"]})  # fmt: skip
     track = plan.track
-    assert track.packages == ["mlflow-skinny==3.17.2", "wandb==0.31.0"]
-    assert plan.requirements() == sorted([*plan.stack.requirements(), *track.packages])
+    assert plan.stack.trackers == ["mlflow-skinny==3.17.2", "wandb==0.31.0"]
+    assert set(plan.stack.trackers) < set(plan.stack.requirements())  # the lock resolves them
     assert plan.runtime.secrets == ["HF_TOKEN", "MLFLOW_TOKEN", "WANDB_API_KEY"]
     assert track.needs_network
     assert track.mlflow is not None and track.mlflow.uri == "https://mlflow.example.org"
@@ -191,6 +266,7 @@ def test_wandb_offline_needs_no_key_and_no_network() -> None:
     assert plan.track.wandb is not None and plan.track.wandb.api_key_env is None
     assert plan.runtime.secrets == [] and not plan.track.needs_network
     assert plan.track.summary() == ["wandb offline: p"]
+    assert plan.stack.trackers == ["wandb==0.31.0"]  # the client writes the offline files
 
 
 def test_a_smoke_run_logs_to_no_account_or_server() -> None:

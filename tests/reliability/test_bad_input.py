@@ -236,7 +236,9 @@ def _expected_input_hash() -> str:
     return parse_lock(LOCK_TEXT).input_hash
 
 
-REQUIRED = compile_spec(TINY_SOURCE, "specs/tiny.toml", TINY_LOCK.read_bytes()).plan.requirements()
+REQUIRED = compile_spec(
+    TINY_SOURCE, "specs/tiny.toml", TINY_LOCK.read_bytes()
+).plan.stack.requirements()
 
 
 def checked(text: str):  # type: ignore[no-untyped-def]
@@ -348,7 +350,7 @@ def test_lock_with_a_body_digest_refuses_any_cut(tally) -> None:
 
     plan = compile_spec(TINY_SOURCE, "specs/tiny.toml", TINY_LOCK.read_bytes()).plan
     body = LOCK_TEXT.split("\n", 3)[3]
-    whole = lock_text(plan.requirements(), plan.stack.python, "x86_64-manylinux_2_28", body)
+    whole = lock_text(plan.stack, plan.stack.python, "x86_64-manylinux_2_28", body)
     assert checked(whole).requirements
     ends = [i + 1 for i, ch in enumerate(whole) if ch == "\n"][3:-1]
     for cut in ends[:: max(1, len(ends) // 60)]:
@@ -645,7 +647,6 @@ def _finished_run(tmp_path: Path) -> Path:
             "decisions": [],
             "observed": {},
             "records": {},
-            "tracking": [],
             "environment": {},
         },
     }

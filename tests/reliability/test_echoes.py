@@ -87,6 +87,10 @@ BASE: dict[str, dict[str, str]] = {  # a command line that gets as far as it can
     "run": {"target": "tiny.toml"},
     "reproduce": {"manifest": "runs/none/manifest.json"},
     "push": {"target": "tiny.toml", "registry": "127.0.0.1:1/qlc"},
+    "data": {"spec": "tiny.toml"},
+    "init": {"output": "new.toml"},
+    "publish": {"run": "runs/none", "to": "oci:127.0.0.1:1/qlc/tiny"},
+    "pull": {"reference": "127.0.0.1:1/qlc/tiny@sha256:" + "0" * 64, "output": "pulled"},
     "export": {
         "spec": "tiny.toml",
         "target": "kubernetes",

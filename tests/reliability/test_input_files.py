@@ -73,7 +73,16 @@ CASES: dict[str, Case] = {
     "generate RUN": (lambda p: ["generate", p, "--prompt", "hi"], ".json", False),
     "merge RUN": (lambda p: ["merge", p, "-o", "merged"], ".json", False),
     "reproduce MANIFEST": (lambda p: ["reproduce", p], ".json", False),
+    "data SPEC": (lambda p: ["data", p], ".toml", True),
+    "init --data FILE": (lambda p: ["init", "--data", p, "-o", "new.toml"], ".jsonl", False),
+    "publish RUN": (
+        lambda p: ["publish", p, "--to", "oci:127.0.0.1:1/qlc/tiny", "--dry-run"],
+        ".json",
+        False,
+    ),
 }
+# Commands with parameters that name no file to read, and where their paths are tested.
+NO_INPUT_FILE = {"pull": "a registry reference and a new -o folder (test_output_paths)"}
 # Commands that read the lock beside the spec.
 LOCK_READERS: dict[str, Callable[[str], list[str]]] = {
     "compile": lambda p: ["compile", p, "-o", "ctx"],
@@ -91,7 +100,7 @@ def test_the_table_names_every_command_that_reads_a_file(tally) -> None:
     tally()
     group = typer.main.get_command(cli.app)
     reading = {name for name, command in group.commands.items() if command.params}  # type: ignore[attr-defined]
-    assert reading == {label.split()[0] for label in CASES}
+    assert reading == {label.split()[0] for label in CASES} | set(NO_INPUT_FILE)
 
 
 @pytest.fixture

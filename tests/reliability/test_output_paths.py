@@ -43,6 +43,10 @@ def export_to(kind: str) -> Callable[[str], list[str]]:
     return lambda target: ["export", spec, "--target", kind, "--image", IMAGE, *extra, "-o", target]
 
 
+def pull_to(target: str) -> list[str]:
+    return ["pull", "oci:127.0.0.1:1/qlc/tiny@sha256:" + "0" * 64, "-o", target]  # no registry
+
+
 # Each writer: how to point it at a folder, and the names it writes there (what a person's
 # files are named in the cases below, so a careless writer would replace them).
 WRITERS: dict[str, tuple[Callable[[str], list[str]], list[str]]] = {
@@ -51,6 +55,8 @@ WRITERS: dict[str, tuple[Callable[[str], list[str]], list[str]]] = {
         ["Dockerfile", "train.py", "spec.toml", "plan.json", "requirements.lock"],
     ),
     "merge -o": (merge_to, ["config.json", "model.safetensors", "merge.json"]),
+    "pull -o": (pull_to, ["manifest.json", "adapter/adapter_model.safetensors"]),
+    "init -o": (lambda target: ["init", "-o", target], []),  # a file: any existing path stops it
     **{f"export --target {k} -o": (export_to(k), files) for k, (*_, files) in EXPORTS.items()},
 }
 
@@ -272,7 +278,8 @@ def test_lock_in_a_read_only_folder_is_refused_before_resolving(
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_each_writer_takes_a_new_folder(writer: str, project: Path, tally) -> None:
     """The cases above fail for the place, not for the command: into a new folder compile and
-    export write their files, and merge gets past its output (to the missing run)."""
+    export write their files, init its spec, merge gets past its output (to the missing run)
+    and pull to the registry."""
     tally()
     argv, names = WRITERS[writer]
     with scratch_cwd(project):
@@ -281,6 +288,12 @@ def test_each_writer_takes_a_new_folder(writer: str, project: Path, tally) -> No
         assert code == 2 and "runs/none" in stderr and "-o" not in stderr, stderr
         assert not (project / "new" / "folder").exists()
         assert [p.name for p in (project / "new").iterdir()] == [], "a staging folder was left"
+    elif writer.startswith("pull"):  # past its output, to the registry that is not there
+        assert code != 0 and "127.0.0.1:1" in stderr and "-o" not in stderr, stderr
+        assert [p.name for p in (project / "new").iterdir()] == [], "a staging folder was left"
+    elif writer.startswith("init"):  # a spec file
+        assert code == 0, stderr
+        assert (project / "new" / "folder").is_file()
     else:
         assert code == 0, stderr
         assert set(names[:1]) <= {p.name for p in (project / "new" / "folder").iterdir()}

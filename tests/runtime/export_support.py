@@ -105,6 +105,14 @@ def main_file(case: str, **changes: Any) -> str:
     return export_case(case, **changes).files[MAIN_FILE[CASES[case][1]["target"]]]
 
 
+def with_store_inputs(plan: Plan) -> Plan:
+    """The plan with its model and data in an object store: what a job of a local-input spec
+    (the tiny one) would read; nothing of the job file depends on the inputs."""
+    model = plan.model.model_copy(update={"local_path": None, "uri": "s3://qlc-test/tiny/model"})
+    data = plan.data.model_copy(update={"local_path": None, "uri": "s3://qlc-test/data.jsonl"})
+    return plan.model_copy(update={"model": model, "data": data})
+
+
 def guanaco_with_checkpoints(directory: Path, output_dir: str = "runs") -> Path:
     """specs/guanaco.toml (hub model and data) with train.save_steps, beside its lock."""
     spec = directory / "guanaco.toml"

@@ -125,14 +125,21 @@ class FakeEngine:
     def stop(self, container_id: str, timeout_s: int) -> None:
         self.calls.append("stop")
 
-    def kill(self, container_id: str) -> None:
-        self.calls.append("kill")
+    def kill(self, container_id: str, signal: str = "SIGKILL") -> None:
+        self.calls.append("kill" if signal == "SIGKILL" else f"kill {signal}")
 
     def state(self, container_id: str) -> ContainerState:
         return ContainerState("exited", self.exit_code, self.oom_killed, "", None, None)
 
     def remove(self, container_id: str) -> None:
         self.calls.append("remove")
+
+    def create_network(self, name: str, labels: Mapping[str, str]) -> str:
+        self.calls.append(f"create_network {name}")
+        return f"net-{name}"
+
+    def remove_network(self, network_id: str) -> None:
+        self.calls.append(f"remove_network {network_id}")
 
 
 def tiny_plan(spec: Path) -> Plan:

@@ -3,30 +3,39 @@ real local registry, and the command line wiring them to the smoke run.
 
 The image here is a small one made for the test (the offline base, /opt/venv and the image's
 user, as templates/Dockerfile.j2 makes them) without the trainer: the output probe runs in
-it, the smoke run of the job's command fails in it. A smoke run that trains needs a real
-qlc image (the tiny spec's) and a trainer that runs."""
+it, the smoke run of the job's command fails in it. Both steps also run in the session's
+tiny image (the job's command trains): they pass where the job would work, and fail with the
+probe's and the trainer's own words where the job's user cannot write the output."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from export_support import IMAGE, RUN_ID, guanaco_with_checkpoints, make_plan
+from export_support import IMAGE, RUN_ID, guanaco_with_checkpoints, make_plan, with_store_inputs
 from registry_fixture import local_registry  # noqa: F401  (the fixture)
+from rich.console import Console
+from runtime_fakes import copy_tiny_project, tiny_plan
 from typer.testing import CliRunner
 
-from qlc.contract import CONTAINER_UID
+from qlc.contract import CONTAINER_UID, ENV_DATA_PATH, MANIFEST_FILE, read_manifest_file
 from qlc.runtime.docker_engine import DockerEngine
-from qlc.runtime.export import export
+from qlc.runtime.export import OUTPUT_MOUNT, export
 from qlc.runtime.export_check import (
+    Finding,
     archs_finding,
     memory_finding,
     output_finding,
+    preflight,
     prepare_stand_in,
+    smoke,
 )
+from qlc.runtime.records import BuildRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = """FROM {base}
@@ -154,3 +163,59 @@ def test_cli_check_runs_the_checks_then_the_smoke_run_and_writes_nothing_on_fail
     assert "hf_check_secret_value" not in output
     logs = list((tmp_path / "export" / "guanaco-llama2-7b-chat").glob("check-*.log"))
     assert len(logs) == 1 and "hf_check_secret_value" not in logs[0].read_text()
+
+
+# --- export --check against the tiny image (a trainer that runs) ------------------------------
+
+
+def check_of(image: str, tmp_path: Path, where: str, writable: bool) -> tuple[list[Finding], Path]:
+    """export --check's two steps (preflight, then the smoke run) for a kubernetes job of the
+    tiny spec in the tiny image, its volume standing in at `where`. The tiny image reads a
+    local data file: the test puts it on the volume and points the job's QLC_DATA_PATH at it
+    (a job's volume could hold it so)."""
+    spec = copy_tiny_project(tmp_path / where / "project")
+    plan = tiny_plan(spec)
+    result = export(with_store_inputs(plan), IMAGE, "kubernetes", volume="qlc-runs", retries=0)
+    stand_in = tmp_path / where / "output"
+    if writable:
+        prepare_stand_in(stand_in)
+    else:
+        stand_in.mkdir(mode=0o755)  # root's (or this user's), as a fresh file system's root is
+    shutil.copy(spec.parent / "tiny" / "data.jsonl", stand_in / "data.jsonl")
+    (stand_in / "data.jsonl").chmod(0o644)
+    job = replace(result, env={**result.env, ENV_DATA_PATH: f"{OUTPUT_MOUNT}/data.jsonl"})
+    engine, log = DockerEngine(), tmp_path / where / "smoke.log"
+    findings = preflight(plan, job, engine, image, stand_in)
+    findings.append(smoke(engine, image, plan, job, stand_in, {}, log, Console(quiet=True)))
+    return findings, stand_in / result.run_dir.removeprefix(OUTPUT_MOUNT + "/")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_check_passes_and_trains_the_job_command_in_the_tiny_image_as_the_job_user(
+    tiny_image: BuildRecord, tmp_path: Path
+) -> None:
+    findings, run_dir = check_of(tiny_image.tag, tmp_path, "ok", writable=True)
+    checks = [(finding.check, finding.ok) for finding in findings]
+    assert checks == [("gpu-archs", True), ("memory", True), ("output", True), ("smoke", True)]
+    record = read_manifest_file(run_dir / MANIFEST_FILE)["predicate"]
+    assert record["status"] == "succeeded" and record["run"]["smoke"] is True
+    assert record["environment"]["user"] == {"uid": CONTAINER_UID, "gid": CONTAINER_UID}
+    assert run_dir.stat().st_uid == CONTAINER_UID
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_check_fails_clearly_where_the_job_user_cannot_write_the_output(
+    tiny_image: BuildRecord, tmp_path: Path
+) -> None:
+    if os.geteuid() == CONTAINER_UID:
+        pytest.skip("this user is the job's user")
+    (*_, output, smoked), run_dir = check_of(tiny_image.tag, tmp_path, "locked", writable=False)
+    assert output.ok is False and "cannot create the run directory" in output.detail, output
+    assert smoked.ok is False and smoked.detail.startswith("exit 2, a user error"), smoked
+    assert f"cannot create the run directory /qlc/output/{run_dir.parent.parent.name}" in (
+        smoked.detail
+    )
+    assert "Permission denied (as uid 10001, gid 10001)" in smoked.detail
+    assert not run_dir.exists()

@@ -89,6 +89,21 @@ def test_export_refuses_a_local_input_with_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_object_store_inputs_export_and_need_the_network(tmp_path: Path) -> None:
+    from qlc.runtime.export import export
+    from qlc.runtime.launch import LocalInputs, needs_network
+
+    text = (REPO_ROOT / "specs" / "tiny.toml").read_text(encoding="utf-8")
+    text = text.replace('path = "tiny/model"', 'path = "s3://qlc-bucket/tiny/model"')
+    text = text.replace('path = "tiny/data.jsonl"', 'path = "az://qlc-container/data.jsonl"')
+    text = text.replace('name = "tiny"', 'name = "tiny"\noutput_dir = "s3://qlc-bucket/runs"')
+    plan = compile_spec(text.encode(), "tiny-s3.toml", require_lock=False).plan
+    assert plan.model.local_path is None and plan.object_stores == ["az://", "s3://"]
+    assert needs_network(plan, LocalInputs(None, None, None))
+    result = export(plan, IMAGE, "skypilot", retries=0)  # the job downloads them itself
+    assert "QLC_DATA_PATH" not in result.env and "QLC_MODEL_PATH" not in result.env
+
+
 def test_export_refuses_a_tag_with_exit_2(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "qlc", "export", str(GUANACO), "--target", "gcp-batch",

@@ -53,10 +53,10 @@ def test_lock_spec_writes_a_fresh_lock_beside_the_spec(spec_copy: Path) -> None:
     path = lock_spec(spec_copy, resolver)
     assert path == spec_copy.with_suffix(".lock")
     plan = plan_for(spec_copy)
-    assert resolver.calls == [(plan.requirements(), "3.11", PLATFORM)]
-    expected = lock_input_hash(plan.requirements(), plan.stack.python, PLATFORM)
+    assert resolver.calls == [(plan.stack.requirements(), "3.11", PLATFORM)]
+    expected = lock_input_hash(plan.stack, plan.stack.python, PLATFORM)
     lock = check_lock(path.read_bytes(), expected)
-    assert [r.pin for r in lock.requirements] == plan.requirements()
+    assert [r.pin for r in lock.requirements] == plan.stack.requirements()
     assert sorted(p.name for p in spec_copy.parent.iterdir()) == ["tiny.lock", "tiny.toml"]
 
 

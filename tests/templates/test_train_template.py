@@ -91,7 +91,7 @@ def test_substitutions_are_listed_under_the_settings() -> None:
     source = (SPECS / "guanaco.toml").read_text().replace("[train]\n", '[train]\nmemory = "lean"\n')
     text = script_of(compiled("guanaco.toml", source.encode()))
     assert "# Substitutions (asked for by the spec):\n" in text
-    assert '#   train.optimizer: "paged_adamw_32bit" -> "paged_adamw_8bit" (' in text
+    assert '#   train.optimizer: "paged_adamw_32bit" -> "paged_adamw_8bit"\n#     (' in text
     assert "Substitutions" not in script_of(compiled("tiny.toml"))
 
 

@@ -55,11 +55,11 @@ def test_the_effective_settings_are_the_plans_rows(made: dict[str, Any], tiny_pl
     )
     provenance.record_plan(made, plan)
     effective = made["predicate"]["effective"]
-    assert {k: v for k, v in effective.items() if k != "eval_metric"} == {
-        row.name: row.value for row in plan.settings() if row.name != "eval_metric"
-    }
+    definition = effective.pop("eval_loss_definition")  # tiny holds out 1/8: in words
+    assert definition == contract.EVAL_LOSS_DEFINITION
+    assert effective == {row.name: row.value for row in plan.settings()}
+    assert effective["eval_metric"] == "token-weighted cross-entropy"
     assert effective["world_size"] == 2 and effective["examples_per_step"] == 8
-    assert effective["eval_metric"] == contract.EVAL_LOSS_DEFINITION  # tiny holds out 1/8
     assert made["predicate"]["run"]["examples_per_step"] == 8
     assert made["predicate"]["run"]["grad_accum"] == 1
 

@@ -197,6 +197,23 @@ def test_hub_data_reads_the_split_and_eval_split_at_the_revision(
     assert rows.source == "mlabonne/guanaco-llama2-1k" and rows.local_file is None
 
 
+def test_a_hub_dataset_config_and_files_reach_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datasets
+
+    calls: list[dict[str, Any]] = []
+
+    def load_dataset(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return datasets.Dataset.from_list([{"text": kwargs["split"]}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    plan = with_data(plan_of("guanaco.toml"), config="en", data_files=["train/*.parquet"])
+    load_rows(plan, None, None)
+    assert [(k["name"], k["data_files"]) for k in calls] == [("en", ["train/*.parquet"])]
+
+
 def test_no_hub_is_a_user_error_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
