@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_LINKS) -e '.[train,dev,publish]'
+	$(PY) -m pip install --quiet $(PIP_LINKS) -e '.[train,dev,publish,track]'
 	touch $@
 
 # `qlc merge --format gguf` needs llama-cpp-python, which pip builds from source (llama.cpp:
@@ -23,7 +23,7 @@ setup-gguf: setup
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip wheel --quiet --no-deps \
 		--find-links $(WHEEL_CACHE) -w $(WHEEL_CACHE) \
 		"llama-cpp-python==$$($(PY) -c 'from qlc.runtime.gguf_tools import LLAMA_CPP_PYTHON as v; print(v)')"
-	$(PY) -m pip install --quiet --find-links $(WHEEL_CACHE) $(PIP_LINKS) -e '.[train,dev,publish,gguf]'
+	$(PY) -m pip install --quiet --find-links $(WHEEL_CACHE) $(PIP_LINKS) -e '.[train,dev,publish,track,gguf]'
 
 # The main job on the embedded default: the tiny spec, trained on this machine's CPU.
 demo: setup

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from functools import cache
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,6 +52,20 @@ class StackRow(Row):
         return sorted(f"{packages[s]}=={getattr(self, packages[s])}" for s in schemes)
 
 
+class TrackerPin(Row):
+    """The package (and version) a tracker needs in the image, added to the lock when a spec
+    turns the tracker on."""
+
+    tracker: Literal["wandb", "mlflow"]
+    package: str
+    version: Annotated[str, Field(pattern=r"^\d+(\.\d+)+$")]
+    note: Annotated[str, Field(min_length=1)]
+
+    @property
+    def pin(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
 class BitsandbytesBuild(Row):
     version: str
     cuda_builds: tuple[Annotated[str, Field(pattern=MAJOR_MINOR)], ...]
@@ -90,6 +104,7 @@ class CompatTable(Row):
     bitsandbytes: tuple[BitsandbytesBuild, ...]
     driver: tuple[DriverFloor, ...]
     image: tuple[ImageRow, ...]
+    tracker: tuple[TrackerPin, ...]
 
     def torch_build(self, version: str) -> TorchBuild | None:
         return next((row for row in self.torch if row.version == version), None)

@@ -77,12 +77,21 @@ class Stack(Frozen):
             description="fsspec backends of the object stores the plan reads (pins).",
         ),
     ] = []
+    trackers: Annotated[
+        list[str],
+        Field(
+            exclude_if=_unset,
+            description="Client packages of the trackers the plan logs to (track.wandb, "
+            "track.mlflow; pins).",
+        ),
+    ] = []
 
     def requirements(self) -> list[str]:
         """Top-level requirements the lock is resolved from, sorted: the stack, and the
-        object-store backends only for a plan that reads object stores."""
+        object-store backends and trackers' clients only for a plan that uses them."""
         names = ("accelerate", "bitsandbytes", "datasets", "peft", "torch", "transformers", "trl")
-        return sorted([f"{name}=={getattr(self, name)}" for name in names] + self.object_stores)
+        pins = [f"{name}=={getattr(self, name)}" for name in names]
+        return sorted([*pins, *self.object_stores, *self.trackers])
 
 
 class LockRef(Frozen):
@@ -421,6 +430,50 @@ class RuntimePlan(Frozen):
     needs_hub: Annotated[bool, Field(description="A model, tokenizer or dataset from the hub.")]
 
 
+class WandbPlan(Frozen):
+    mode: Literal["online", "offline"]
+    project: str
+    entity: str | None
+    name: Annotated[str | None, Field(description="Run name; null: the run id.")]
+    api_key_env: Annotated[
+        str | None, Field(description="Secret holding the API key (online runs only).")
+    ]
+
+
+class MlflowPlan(Frozen):
+    uri: str
+    experiment: Annotated[str, Field(description="track.mlflow.experiment, else job.name.")]
+    token_env: Annotated[str | None, Field(description="Secret holding a bearer token.")]
+
+
+class TrackPlan(Frozen):
+    """Where the run's metrics go besides metrics.jsonl (rank 0 logs them)."""
+
+    tensorboard: Annotated[bool, Field(description="Event files in <run dir>/tensorboard/.")]
+    wandb: WandbPlan | None
+    mlflow: MlflowPlan | None
+
+    def clients(self) -> list[str]:
+        """The trackers with a client package ("wandb", "mlflow"), in the stack's lock."""
+        return [name for name in ("wandb", "mlflow") if getattr(self, name) is not None]
+
+    @property
+    def needs_network(self) -> bool:
+        """A tracker that talks to a server while the run goes."""
+        online = self.wandb is not None and self.wandb.mode == "online"
+        return online or self.mlflow is not None
+
+    def summary(self) -> list[str]:
+        """One line per tracker, as `qlc explain` shows them."""
+        lines = ["tensorboard: <run dir>/tensorboard"] if self.tensorboard else []
+        if self.wandb is not None:
+            where = "/".join(filter(None, [self.wandb.entity, self.wandb.project]))
+            lines.append(f"wandb {self.wandb.mode}: {where}")
+        if self.mlflow is not None:
+            lines.append(f"mlflow: {self.mlflow.uri} experiment {self.mlflow.experiment}")
+        return lines
+
+
 class Substitution(Frozen):
     """A value that trains other than the spec wrote it, because the spec asked for that."""
 
@@ -450,6 +503,7 @@ class Plan(Frozen):
     lora: LoraPlan
     train: TrainPlan
     runtime: RuntimePlan
+    track: TrackPlan
     substitutions: list[Substitution]
     base_image: BaseImage
     stack: Stack
@@ -468,8 +522,8 @@ class Plan(Frozen):
 
     @property
     def needs_network(self) -> bool:
-        """A run reaches the hub or an object store."""
-        return self.runtime.needs_hub or bool(self.object_stores)
+        """A run reaches the hub, an object store or a tracker's server."""
+        return self.runtime.needs_hub or bool(self.object_stores) or self.track.needs_network
 
     @property
     def schedule(self) -> Schedule:
@@ -529,6 +583,7 @@ class Plan(Frozen):
             ("eval_metric", _eval_text(d), "data.eval_split / data.eval_fraction"),
             ("seed", self.job.seed, "job.seed"),
             ("deterministic", self.job.deterministic, "job.deterministic"),
+            ("trackers", self.track.summary(), "track.tensorboard, track.wandb, track.mlflow"),
         ]
         return [SettingRow(name=n, value=v, source=src) for n, v, src in rows]
 
@@ -583,6 +638,8 @@ class Plan(Frozen):
                     update={"max_length": min(self.data.max_length, SMOKE_MAX_LENGTH)}
                 ),
                 "runtime": self.runtime.model_copy(update={"gpus": 0, "distributed": "ddp"}),
+                # a smoke check logs to no account or server (its event files stay local)
+                "track": self.track.model_copy(update={"wandb": None, "mlflow": None}),
             }
         )
 

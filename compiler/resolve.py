@@ -125,7 +125,10 @@ def _select_image(runtime: Runtime, build: TorchBuild, table: CompatTable) -> Im
     return image
 
 
-def _stack(build: TorchBuild, python: str, table: CompatTable, schemes: list[str]) -> Stack:
+def _stack(build: TorchBuild, python: str, table: CompatTable, schemes: list[str],
+           trackers: list[str]) -> Stack:  # fmt: skip
+    """The pinned stack: the training packages, the object-store backends the inputs need and
+    the client packages of the trackers the spec turns on."""
     row = table.stack_for(build.version)
     if row is None:
         raise ResolveError(
@@ -142,6 +145,7 @@ def _stack(build: TorchBuild, python: str, table: CompatTable, schemes: list[str
         accelerate=row.accelerate,
         datasets=row.datasets,
         object_stores=row.object_store_pins(schemes),
+        trackers=sorted(pin.pin for pin in table.tracker if pin.tracker in trackers),
     )
 
 
@@ -188,7 +192,8 @@ def resolve(
         sections = settle(spec)
     except SettleError as error:
         raise ResolveError(error.key, str(error)) from None
-    stack = _stack(build, image.python, table, read_schemes(sections["model"], sections["data"]))
+    schemes = read_schemes(sections["model"], sections["data"])
+    stack = _stack(build, image.python, table, schemes, sections["track"].clients())
     if runtime.gpus > 0:
         _check_bitsandbytes(stack, table)
     return Plan(

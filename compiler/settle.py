@@ -17,6 +17,7 @@ from qlc.compiler.plan import (
     EnginePlan,
     JobPlan,
     LoraPlan,
+    MlflowPlan,
     ModelPlan,
     OptimizerPlan,
     Precision,
@@ -25,7 +26,9 @@ from qlc.compiler.plan import (
     Schedule,
     SourcePlan,
     Substitution,
+    TrackPlan,
     TrainPlan,
+    WandbPlan,
 )
 from qlc.compiler.spec import URI_SCHEMES, Spec
 
@@ -212,18 +215,35 @@ def _check_projection_names(architecture: str, targets: list[str]) -> None:
 
 
 def runtime_plan(spec: Spec) -> RuntimePlan:
+    """The run's environment; the trackers' credentials join runtime.secrets (by name)."""
     runtime, model, data = spec.runtime, spec.model, spec.data
+    tracker_secrets = {name for _, name in spec.track.secret_names()}
     return RuntimePlan(
         gpus=runtime.gpus,
         distributed=runtime.distributed,
         shm_size=runtime.shm_size,
         env=dict(sorted(runtime.env.items())),
-        secrets=sorted(runtime.secrets),
+        secrets=sorted(set(runtime.secrets) | tracker_secrets),
         needs_hub=model.id is not None
         or data.id is not None
         or model.tokenizer is not None
         or any(source.id is not None for source in data.sources),
     )
+
+
+def track_plan(spec: Spec) -> TrackPlan:
+    """The trackers the run logs to (their client packages join the stack in resolve)."""
+    track = spec.track
+    wandb = mlflow = None
+    if track.wandb is not None:
+        w = track.wandb
+        wandb = WandbPlan(mode=w.mode, project=w.project, entity=w.entity, name=w.name,
+                          api_key_env=w.api_key if w.mode == "online" else None)  # fmt: skip
+    if track.mlflow is not None:
+        m = track.mlflow
+        mlflow = MlflowPlan(uri=m.uri.rstrip("/"), experiment=m.experiment or spec.job.name,
+                            token_env=m.token)  # fmt: skip
+    return TrackPlan(tensorboard=track.tensorboard, wandb=wandb, mlflow=mlflow)
 
 
 def schedule(spec: Spec) -> Schedule:
@@ -442,5 +462,6 @@ def settle(spec: Spec) -> dict[str, Any]:
         "lora": lora_plan(spec),
         "train": TrainPlan(schedule=schedule(spec), engine=engine),
         "runtime": runtime_plan(spec),
+        "track": track_plan(spec),
         "substitutions": subs,
     }

@@ -729,6 +729,100 @@ class Runtime(Section):
         return self
 
 
+TRACK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Wandb(Section):
+    mode: Annotated[
+        Literal["online", "offline"],
+        Field(
+            description="'online': logs to Weights & Biases as the run goes (the container "
+            "gets a network); 'offline': files in the run directory, uploaded later with "
+            "`wandb sync`."
+        ),
+    ]
+    project: Annotated[str, Field(pattern=TRACK_NAME, description="W&B project.")]
+    entity: Annotated[
+        str | None,
+        Field(pattern=TRACK_NAME, description="W&B entity (user or team); default: yours."),
+    ] = None
+    name: Annotated[
+        str | None,
+        Field(pattern=TRACK_NAME, description="Run name shown in W&B; default: the run id."),
+    ] = None
+    api_key: Annotated[
+        str,
+        Field(
+            pattern=ENV_NAME,
+            description="Name of the environment variable holding the API key (a secret "
+            "passed at run time, online only; never the key itself).",
+        ),
+    ] = "WANDB_API_KEY"
+
+
+class Mlflow(Section):
+    uri: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            description="Tracking server URI (http:// or https://, no credentials in it).",
+        ),
+    ]
+    experiment: Annotated[
+        str | None,
+        Field(min_length=1, max_length=256, description="Experiment name; default: job.name."),
+    ] = None
+    token: Annotated[
+        str | None,
+        Field(
+            pattern=ENV_NAME,
+            description="Name of the environment variable holding a bearer token for the "
+            "server (a secret passed at run time; never the token itself).",
+        ),
+    ] = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        host = rest.split("/", 1)[0]
+        if not sep or scheme not in ("http", "https") or not host:
+            raise ValueError(
+                f"must be an http:// or https:// URI of a tracking server (got {clip(repr(value))})"
+            )
+        if "@" in host:
+            raise ValueError(
+                "holds credentials: keep them out of the spec; put a token in an environment "
+                "variable and name it in track.mlflow.token"
+            )
+        if any(c.isspace() or c in "?#\x00" for c in value):
+            raise ValueError("must be a plain server URI (no spaces, query or fragment)")
+        return value
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value)
+
+
+class Track(Section):
+    tensorboard: Annotated[
+        bool,
+        Field(description="TensorBoard event files in the run directory (tensorboard/)."),
+    ] = True
+    wandb: Annotated[Wandb | None, Field(description="Weights & Biases.")] = None
+    mlflow: Annotated[Mlflow | None, Field(description="An MLflow tracking server.")] = None
+
+    def secret_names(self) -> list[tuple[str, str]]:
+        """(spec key, environment variable) of each credential the trackers read at run time."""
+        found = []
+        if self.wandb is not None and self.wandb.mode == "online":
+            found.append(("track.wandb.api_key", self.wandb.api_key))
+        if self.mlflow is not None and self.mlflow.token is not None:
+            found.append(("track.mlflow.token", self.mlflow.token))
+        return found
+
+
 class Spec(Section):
     """A qlc job spec."""
 
@@ -741,6 +835,9 @@ class Spec(Section):
     lora: Annotated[Lora, Field(description="LoRA adapters (peft).")] = Lora()
     train: Annotated[Train, Field(description="The training loop.")] = Train()
     runtime: Annotated[Runtime, Field(description="Where and how it runs.")] = Runtime()
+    track: Annotated[
+        Track, Field(description="Experiment trackers the run logs its metrics to.")
+    ] = Track()
 
     @model_validator(mode="after")
     def _rules(self) -> Spec:
@@ -776,6 +873,12 @@ class Spec(Section):
                 f"FSDP shards 4-bit weights only when they are stored in the compute dtype: set "
                 f'storage_dtype = "{self.quantization.compute_dtype}"',
             )
+        for key, name in self.track.secret_names():
+            if name in self.runtime.env:
+                raise RuleError(
+                    key, f"{name} is set in runtime.env: a credential is a secret, passed at "
+                    "run time; remove it from runtime.env"
+                )  # fmt: skip
         if self.quantization.storage_dtype != "uint8" and not self.quantization.load_in_4bit:
             raise RuleError("quantization.storage_dtype", "only applies with load_in_4bit = true")
         return self

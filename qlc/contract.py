@@ -304,6 +304,9 @@ MANIFEST_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "environment": ((_DICT,), True),
     "metrics": ((_DICT,), True),
     "records": ((_DICT,), True),
+    # one entry per tracker: where it logged, or its error (every run writes it; optional so
+    # that runs finished before trackers existed still read)
+    "tracking": ((_LIST,), False),
     "error": ((_STR, _NONE), True),
     "host": ((_DICT,), False),  # added by the runtime after the process ends
 }
@@ -322,6 +325,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 SUBSTITUTION_KEYS = ("key", "written", "effective", "why")
 DECISION_KEYS = ("what", "chosen", "why")
+TRACKING_KEYS = ("tracker", "error")
 
 
 class ManifestError(ValueError):
@@ -391,6 +395,7 @@ def manifest_problems(statement: Any) -> list[str]:
         predicate.get("substitutions"), SUBSTITUTION_KEYS, "predicate.substitutions"
     )
     problems += _check_entries(predicate.get("decisions"), DECISION_KEYS, "predicate.decisions")
+    problems += _check_entries(predicate.get("tracking"), TRACKING_KEYS, "predicate.tracking")
     records = predicate.get("records")
     if isinstance(records, dict) and not all(
         isinstance(k, str) and isinstance(v, str) for k, v in records.items()

@@ -82,13 +82,14 @@ def _local(base: Path, value: str, key: str, where: str, want_dir: bool) -> Path
 
 def needs_network(plan: Plan, inputs: LocalInputs) -> bool:
     """A container needs a network only to reach the hub (a model, tokenizer or dataset id,
-    a mixture's hub source) or an object store (a model or data URI, downloaded at start)."""
+    a mixture's hub source), an object store (a model or data URI, downloaded at start) or a
+    tracker's server (W&B online, MLflow)."""
     tokenizer_from_hub = plan.model.tokenizer is not None and inputs.tokenizer_dir is None
     data_from_hub = plan.data.hub_id is not None or any(
         source.hub_id is not None for source in plan.data.sources
     )
     from_hub = plan.model.hub_id is not None or data_from_hub or tokenizer_from_hub
-    return from_hub or bool(plan.object_stores)
+    return from_hub or bool(plan.object_stores) or plan.track.needs_network
 
 
 def trainer_env(

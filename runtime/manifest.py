@@ -229,6 +229,7 @@ def placeholder(host: HostView, problem: str | None) -> dict[str, Any]:
             "environment": {},
             "metrics": {},
             "records": {},
+            "tracking": [],
             "error": why,
         },
     }
@@ -337,6 +338,10 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
             or ["- none (the run did not succeed)"]
         ),
         "",
+        "## Tracking",
+        "",
+        *tracking_lines(predicate.get("tracking") or []),
+        "",
         "## Environment observed in the run",
         "",
         *table({k: v for k, v in (predicate.get("environment") or {}).items() if k != "packages"}),
@@ -348,6 +353,24 @@ def write_report(run_dir: Path, final: FinalManifest) -> Path:
     target = run_dir / contract.REPORT_FILE
     write_atomic(target, ("\n".join(line for line in lines if line is not None) + "\n").encode())
     return target
+
+
+def tracking_lines(entries: list[Any]) -> list[str]:
+    """Where each tracker logged (its URL, run id, folder in the run directory) or its error."""
+    lines = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("tracker", "?")
+        if entry.get("error"):
+            lines.append(f"- {name}: failed, switched off ({entry['error']})")
+            continue
+        parts = [f"{key} `{entry[key]}`" for key in ("url", "run_id", "log_dir", "file")
+                 if entry.get(key)]  # fmt: skip
+        if entry.get("sync"):
+            parts.append(f"upload with `{entry['sync']}` (from the run directory)")
+        lines.append(f"- {name}: " + (", ".join(parts) or "started"))
+    return lines or ["- none"]
 
 
 def image_line(host: dict[str, Any], image: dict[str, Any]) -> str:

@@ -128,6 +128,25 @@ IMAGES: list[dict[str, Any]] = [
 ]
 
 
+# The packages each tracker needs in the image (track.wandb / track.mlflow). TensorBoard needs
+# none: the trainer writes its event files itself (qlc/trainer/tbevents.py).
+TRACKERS: list[dict[str, str]] = [
+    {
+        "tracker": "wandb",
+        "package": "wandb",
+        "version": "0.31.0",
+        "note": "the W&B SDK (its wandb-core service binary ships in the manylinux wheel)",
+    },
+    {
+        "tracker": "mlflow",
+        "package": "mlflow-skinny",
+        "version": "3.17.2",
+        "note": "MLflow's client without the server's requirements; the tests run `mlflow "
+        "server` from this package with those requirements (the dev extra)",
+    },
+]
+
+
 def _value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -160,6 +179,7 @@ def render_table() -> str:
         _tables("bitsandbytes", BITSANDBYTES),
         _tables("driver", DRIVERS),
         _tables("image", IMAGES),
+        _tables("tracker", TRACKERS),
     ]
     return "\n".join(sections)
 

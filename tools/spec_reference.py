@@ -60,10 +60,13 @@ def reference() -> str:
         lines += [f"## [{section}]", "", field.description or "", ""]
         lines += _table(model, schema)
         for name, sub in model.model_fields.items():
-            table = _table_of_list(sub.annotation)
-            if table is not None:
-                lines += [f"### [[{section}.{name}]]", "", table.__doc__ or "", ""]
-                lines += _table(table, schema)
+            listed, single = _table_of_list(sub.annotation), _optional_table(sub.annotation)
+            if listed is not None:
+                lines += [f"### [[{section}.{name}]]", "", listed.__doc__ or "", ""]
+                lines += _table(listed, schema)
+            elif single is not None:
+                lines += [f"### [{section}.{name}]", "", sub.description or "", ""]
+                lines += _table(single, schema)
     return "\n".join(lines)
 
 
@@ -84,6 +87,16 @@ def _table_of_list(annotation: Any) -> type[BaseModel] | None:
         if isinstance(item, type) and issubclass(item, BaseModel):
             return item
     return None
+
+
+def _optional_table(annotation: Any) -> type[BaseModel] | None:
+    """The table type of an optional sub-table key (Model | None), else None."""
+    tables = [
+        arg
+        for arg in getattr(annotation, "__args__", ())
+        if isinstance(arg, type) and issubclass(arg, BaseModel)
+    ]
+    return tables[0] if len(tables) == 1 else None
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def new_manifest(
             "environment": observed_environment(),
             "metrics": {},
             "records": {},
+            "tracking": [],
             "error": None,
         },
     }

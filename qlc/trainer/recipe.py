@@ -27,7 +27,7 @@ from typing import Any
 
 from qlc import contract
 from qlc.compiler.plan import SMOKE_ROWS, TEMPLATE_KEY, Plan
-from qlc.trainer import fetch, launch, provenance
+from qlc.trainer import fetch, launch, provenance, track
 from qlc.trainer.checkpoints import resumable
 from qlc.trainer.errors import Interrupted, UserError
 from qlc.trainer.examples import Prepared, prepare, prompt_ids, show_example
@@ -118,6 +118,7 @@ class Run:
     training: bool = False
     owns_group: bool = False  # the process group this run made (and ends)
     log: MetricsLog | None = None
+    trackers: track.Trackers | None = None  # rank 0's experiment trackers
 
     @classmethod
     def start(cls, script: str, settings: dict[str, Any]) -> Run:
@@ -293,6 +294,8 @@ class Run:
     def train(self, model: Any, data: Data) -> TrainResult:
         env, plan = self.env, self.plan
         self.log = MetricsLog(env.output_dir / contract.METRICS_FILE, env.writes)
+        if env.writes:
+            self.start_trackers(self.log)
         checkpoints = env.output_dir / contract.CHECKPOINTS_DIR
         chosen = (
             resumable(checkpoints, self.effective_sha256(), plan.engine.name)
@@ -320,6 +323,19 @@ class Run:
             return result
         finally:
             self.training = False
+
+    def start_trackers(self, log: MetricsLog) -> None:
+        """TensorBoard, W&B, MLflow as the plan says: they get every record the log writes;
+        where each one logs goes into the manifest at once."""
+        settings = provenance.effective_settings(self.plan)
+        self.trackers = track.start(self.plan, self.env.output_dir, self.env.run_id, settings)
+        log.listeners.append(self.trackers)
+        self.manifest["predicate"]["tracking"] = self.trackers.entries
+        provenance.write_manifest(self.env.output_dir, self.manifest)
+        for entry in self.trackers.entries:
+            where = entry.get("url") or entry.get("log_dir")
+            if where and entry["error"] is None:
+                self.say(f"qlc: tracking: {entry['tracker']}: {where}")
 
     def train_reference(self, model: Any, data: Data, evals: list[Any],
                         resume_from: Path | None, observer: Observer) -> TrainResult:  # fmt: skip
@@ -425,6 +441,8 @@ class Run:
         else:
             message, handled = f"{type(error).__name__}: {error}", False
         self.decisions.echo = None
+        if self.trackers is not None:  # never raises: a tracker that fails is recorded
+            self.trackers.finish(status)
         self.manifest["predicate"]["decisions"] = self.decisions.entries
         if self.env.writes and not self.launched:
             provenance.finish_manifest(self.manifest, self.env.output_dir, status, message)

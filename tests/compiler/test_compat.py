@@ -123,3 +123,14 @@ def test_table_rejects_unknown_keys_and_bad_digests() -> None:
     with pytest.raises(ValidationError):
         parse_table(text.replace('digest = "sha256:', 'digest = "sha256:zz', 1))
     assert isinstance(parse_table(text), CompatTable)
+
+
+def test_each_tracker_once_pinned_as_the_track_extra_installs_it() -> None:
+    """The image's lock and `qlc run --local` (pyproject's track extra) get the same versions."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert sorted(row.tracker for row in TABLE.tracker) == ["mlflow", "wandb"]
+    assert sorted(row.pin for row in TABLE.tracker) == sorted(extras["track"])

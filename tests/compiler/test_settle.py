@@ -228,3 +228,64 @@ def test_input_pins_and_parts_are_refused_where_they_mean_nothing(
     document = {**BASE, section: {**BASE[section], **values}}
     with pytest.raises(ValueError, match=re.escape(message)):
         Spec.model_validate(document)
+
+
+# -- track: where the metrics go, what the image needs for it, which secrets and network
+WANDB = {"mode": "online", "project": "p", "entity": "team"}
+MLFLOW = {"uri": "https://mlflow.example.org/", "token": "MLFLOW_TOKEN"}
+
+
+def test_tensorboard_alone_by_default_needs_no_package_secret_or_network() -> None:
+    plan = plan_with()
+    assert plan.track.tensorboard and plan.track.wandb is None and plan.track.mlflow is None
+    assert plan.stack.trackers == [] and "trackers" not in plan.stack.model_dump()
+    assert not plan.track.needs_network and plan.runtime.secrets == []
+    rows = {row.name: row for row in plan.settings()}
+    assert rows["trackers"].value == ["tensorboard: <run dir>/tensorboard"]
+
+
+def test_trackers_pin_their_packages_name_their_secrets_and_need_a_network() -> None:
+    plan = plan_with(track={"wandb": WANDB, "mlflow": MLFLOW},
+                     runtime={"secrets": ["HF_TOKEN"]})  # fmt: skip
+    track = plan.track
+    assert plan.stack.trackers == ["mlflow-skinny==3.17.2", "wandb==0.31.0"]
+    assert set(plan.stack.trackers) < set(plan.stack.requirements())  # the lock resolves them
+    assert plan.runtime.secrets == ["HF_TOKEN", "MLFLOW_TOKEN", "WANDB_API_KEY"]
+    assert track.needs_network
+    assert track.mlflow is not None and track.mlflow.uri == "https://mlflow.example.org"
+    assert track.mlflow.experiment == "t"  # job.name when the spec names none
+    assert {row.name: row.value for row in plan.settings()}["trackers"] == [
+        "tensorboard: <run dir>/tensorboard",
+        "wandb online: team/p",
+        "mlflow: https://mlflow.example.org experiment t",
+    ]
+
+
+def test_wandb_offline_needs_no_key_and_no_network() -> None:
+    plan = plan_with(track={"tensorboard": False, "wandb": {"mode": "offline", "project": "p"}})
+    assert plan.track.wandb is not None and plan.track.wandb.api_key_env is None
+    assert plan.runtime.secrets == [] and not plan.track.needs_network
+    assert plan.track.summary() == ["wandb offline: p"]
+    assert plan.stack.trackers == ["wandb==0.31.0"]  # the client writes the offline files
+
+
+def test_a_smoke_run_logs_to_no_account_or_server() -> None:
+    smoke = plan_with(track={"wandb": WANDB, "mlflow": MLFLOW}).for_smoke()
+    assert smoke.track.tensorboard and smoke.track.wandb is None and smoke.track.mlflow is None
+
+
+@pytest.mark.parametrize(
+    ("track", "runtime", "message"),
+    [
+        ({"mlflow": {"uri": "https://user:pw@mlflow.example.org"}}, {}, "holds credentials"),
+        ({"mlflow": {"uri": "file:///tmp/mlruns"}}, {}, "http:// or https://"),
+        ({"mlflow": {"uri": "http://h/?token=x"}}, {}, "no spaces, query or fragment"),
+        ({"wandb": {"mode": "online", "project": "p", "api_key": "0123abcd"}}, {}, "pattern"),
+        ({"wandb": WANDB}, {"env": {"WANDB_API_KEY": "k"}}, "a credential is a secret"),
+    ],
+)
+def test_credentials_never_go_into_a_spec(
+    track: dict[str, Any], runtime: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_with(track=track, runtime=runtime)

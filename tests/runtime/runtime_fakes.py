@@ -188,6 +188,7 @@ def trainer_manifest(
             "environment": {"user": {"uid": 10001, "gid": 10001}},
             "metrics": metrics or {},
             "records": {},
+            "tracking": [],
             "error": None,
         },
     }

@@ -180,6 +180,34 @@ def test_hub_spec_gets_a_network(tiny_project: Path) -> None:
     assert "QLC_MODEL_PATH" not in engine.created[0].environment
 
 
+@pytest.mark.parametrize(
+    ("track", "network", "secrets"),
+    [
+        ('[track]\nwandb = { mode = "offline", project = "p" }\n', "none", []),
+        (
+            '[track]\nmlflow = { uri = "http://mlflow:5000", token = "MLFLOW_T" }\n',
+            "bridge",
+            ["MLFLOW_T"],
+        ),
+        ('[track]\nwandb = { mode = "online", project = "p" }\n', "bridge", ["WANDB_API_KEY"]),
+    ],
+)
+def test_a_tracker_with_a_server_gets_a_network_and_its_secret(
+    tiny_project: Path, track: str, network: str, secrets: list[str]
+) -> None:
+    tiny_project.write_text(tiny_project.read_text() + track)
+    engine = engine_with_image()
+    engine.on_start = script_writes("succeeded")
+    environ = {"MLFLOW_T": SECRET, "WANDB_API_KEY": SECRET}
+    run_container(record_for(tiny_project), tiny_inputs(tiny_project), engine=engine,
+                  console=QUIET, environ=environ)  # fmt: skip
+    (request,) = engine.created
+    assert request.network == network
+    assert {k: v for k, v in request.environment.items() if v == SECRET} == dict.fromkeys(
+        secrets, SECRET
+    )
+
+
 def test_secrets_reach_the_container_only(tiny_project: Path) -> None:
     edit_spec(tiny_project, "runtime", 'secrets = ["HF_TOKEN"]')
     engine = engine_with_image()

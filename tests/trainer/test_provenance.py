@@ -38,6 +38,16 @@ def test_a_new_manifest_follows_the_schema(made: dict[str, Any], tiny_plan: Plan
     assert environment["gpus"] == [] or environment["driver"]
 
 
+def test_tracking_entries_are_checked_and_a_run_from_before_trackers_still_reads(
+    made: dict[str, Any],
+) -> None:
+    assert made["predicate"]["tracking"] == []
+    made["predicate"]["tracking"] = [{"tracker": "tensorboard"}]
+    assert contract.manifest_problems(made) == ["predicate.tracking[0]: needs tracker, error"]
+    del made["predicate"]["tracking"]
+    assert contract.manifest_problems(made) == []
+
+
 def test_the_effective_settings_are_the_plans_rows(made: dict[str, Any], tiny_plan: Plan) -> None:
     scaled = tiny_plan.schedule.for_world(2)
     plan = tiny_plan.model_copy(

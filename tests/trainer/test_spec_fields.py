@@ -137,6 +137,9 @@ TESTED_IN = {
     "data.roles": "tests/trainer/test_input_shapes.py (ShareGPT roles)",
     "data.chat_template": "tests/trainer/test_input_shapes.py (template override)",
     "data.chat_template_file": "tests/runtime/test_inputs.py (found, mounted, hashed)",
+    "track.tensorboard": "tests/runtime/test_tracking.py (both engines, TensorBoard's reader)",
+    "track.wandb": "tests/runtime/test_tracking.py (offline files read back), test_track.py",
+    "track.mlflow": "tests/runtime/test_tracking.py (a real mlflow server), test_track.py",
 }
 
 # Consumed before or around the trainer: by the compiler (image) or the runtime (container).

@@ -66,6 +66,8 @@ SETTINGS = {
     "eval_metric": "token-weighted cross-entropy",  # data.eval_split / data.eval_fraction
     "seed": 7,  # job.seed
     "deterministic": False,  # job.deterministic
+    # track.tensorboard, track.wandb, track.mlflow
+    "trackers": ["tensorboard: <run dir>/tensorboard"],
 }
 
 

@@ -66,6 +66,8 @@ SETTINGS = {
     "eval_metric": None,  # data.eval_split / data.eval_fraction
     "seed": 42,  # job.seed
     "deterministic": False,  # job.deterministic
+    # track.tensorboard, track.wandb, track.mlflow
+    "trackers": ["tensorboard: <run dir>/tensorboard"],
 }
 
 
