@@ -140,6 +140,10 @@ TESTED_IN = {
     "track.tensorboard": "tests/runtime/test_tracking.py (both engines, TensorBoard's reader)",
     "track.wandb": "tests/runtime/test_tracking.py (offline files read back), test_track.py",
     "track.mlflow": "tests/runtime/test_tracking.py (a real mlflow server), test_track.py",
+    "data.config": "tests/trainer/test_rows.py (reaches datasets.load_dataset as its name)",
+    "data.data_files": "tests/trainer/test_rows.py (reaches datasets.load_dataset)",
+    "data.sha256": "tests/trainer/test_fetch.py (an object-store file against its pin)",
+    "model.sha256": "tests/trainer/test_fetch.py (an object-store model folder's pins)",
 }
 
 # Consumed before or around the trainer: by the compiler (image) or the runtime (container).
