@@ -15,11 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from qlc.compiler.locate import KeyPath, key_positions, locate
 from qlc.compiler.spec import (
+    CONFIG_NAME,
     ENV_NAME,
     FORMAT_KEYS,
     HUB_ID,
     JOB_NAME,
     REVISION,
+    SHA256,
     RuleError,
     Spec,
 )
@@ -71,6 +73,9 @@ PATTERNS = {
     r"^3\.\d+$": 'a Python version like "3.11"',
     r"^[A-Za-z0-9_.-]{1,64}$": "a split name: letters, digits, '_', '.' or '-' (at most 64)",
     r"^[A-Za-z0-9_.]{1,128}$": "a module name: letters, digits, '_' or '.' (at most 128)",
+    SHA256: "a sha256 in hex: 64 characters 0-9 and a-f",
+    CONFIG_NAME: "a dataset configuration name: letters, digits, '_', '.' or '-' (at most 128, "
+    "starting with a letter or digit)",
 }
 BOUNDS = {
     "greater_than": ("gt", "greater than"),

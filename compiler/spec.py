@@ -29,6 +29,7 @@ JOB_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 REVISION = r"^[A-Za-z0-9._/-]{1,128}$"
 URI_SCHEMES = OBJECT_STORE_SCHEMES
 SHA256 = r"^[0-9a-f]{64}$"
+CONFIG_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 OBJECT_URI = r"^(s3|gs|az)://[a-z0-9][a-z0-9._-]{1,62}(/[^\x00-\x1f\x7f]*)?$"
 Architecture = Literal["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 ChatRole = Literal["system", "user", "assistant"]
@@ -316,7 +317,7 @@ class Data(Section):
     config: Annotated[
         str | None,
         Field(
-            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+            pattern=CONFIG_NAME,
             description="Hub dataset configuration (subset) name; only with 'id'.",
         ),
     ] = None

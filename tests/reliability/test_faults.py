@@ -4,7 +4,7 @@ a full disk while checkpoints and the adapter are written.
 Each case runs the real `python -m qlc run tiny.toml --local` (the compiled train.py under the
 runtime's supervision) on a tiny spec of 6 steps with a checkpoint every 2. The outside world
 goes wrong through tests/reliability/faults_site/sitecustomize.py (on PYTHONPATH, inert
-unless QLC_FAULT is set) or from here (signals, a small tmpfs). After each: checkpoints that
+unless QLCTEST_FAULT is set) or from here (signals, a small tmpfs). After each: checkpoints that
 were complete keep their hashes, the manifest tells the truth (not "succeeded", no adapter
 subjects), nothing prints a traceback, and `qlc run --resume RUN_DIR` continues from the last
 complete checkpoint to a manifest whose subjects are the adapter files' sha256.
@@ -147,7 +147,7 @@ def assert_resumes(project: Path, run_dir: Path, expected_from: str, steps: int 
 
 def test_sigkill_mid_run_then_resume(project: Path, tally) -> None:
     tally()
-    process = start(project, QLC_FAULT_STEP_DELAY="0.6")
+    process = start(project, QLCTEST_FAULT_STEP_DELAY="0.6")
     wait_for(has_checkpoint(project, 2), process, "checkpoint-2")
     time.sleep(0.8)  # into step 3 or 4
     before = complete(the_run_dir(project))
@@ -161,7 +161,7 @@ def test_sigkill_mid_run_then_resume(project: Path, tally) -> None:
 
 def test_sigkill_mid_checkpoint_write_then_resume(project: Path, tally) -> None:
     tally()
-    code, output = qlc_run(project, QLC_FAULT="kill-in-save:4")
+    code, output = qlc_run(project, QLCTEST_FAULT="kill-in-save:4")
     assert code == 1, output[-3000:]
     run_dir = the_run_dir(project)
     partial = run_dir / "checkpoints" / "checkpoint-4"
@@ -173,7 +173,7 @@ def test_sigkill_mid_checkpoint_write_then_resume(project: Path, tally) -> None:
 
 def test_exit_code_failure_keeps_checkpoints_and_says_why(project: Path, tally) -> None:
     tally()
-    code, output = qlc_run(project, QLC_FAULT="raise-at:3")
+    code, output = qlc_run(project, QLCTEST_FAULT="raise-at:3")
     assert code == 1, output[-3000:]
     run_dir = the_run_dir(project)
     manifest = assert_truthful_failure(run_dir, {})
@@ -184,7 +184,7 @@ def test_exit_code_failure_keeps_checkpoints_and_says_why(project: Path, tally) 
 
 def test_ctrl_c_interrupts_cleanly(project: Path, tally) -> None:
     tally()
-    process = start(project, QLC_FAULT_STEP_DELAY="0.6")
+    process = start(project, QLCTEST_FAULT_STEP_DELAY="0.6")
     wait_for(has_checkpoint(project, 2), process, "checkpoint-2")
     before = complete(the_run_dir(project))
     process.send_signal(signal.SIGINT)  # what Ctrl-C sends to qlc in the foreground
@@ -221,7 +221,7 @@ def test_disk_full_while_checkpointing_keeps_checkpoints_and_resumes(
     project: Path, small_disk: Path, tally
 ) -> None:
     tally()
-    code, output = qlc_run(project, strict=False, QLC_FAULT="fill-at:3")
+    code, output = qlc_run(project, strict=False, QLCTEST_FAULT="fill-at:3")
     assert code != 0, output[-3000:]
     assert "No space left on device" in output
     run_dir = the_run_dir(project)
@@ -237,7 +237,7 @@ def test_disk_full_is_reported_without_traceback_and_the_manifest_is_final(
     project: Path, small_disk: Path, tally
 ) -> None:
     tally()
-    code, output = qlc_run(project, strict=False, QLC_FAULT="fill-at:3")
+    code, output = qlc_run(project, strict=False, QLCTEST_FAULT="fill-at:3")
     assert code == 1 and not qlc_frames(output), output[-3000:]
     assert "No space left on device" in output
     status = read_manifest(the_run_dir(project))["predicate"]["status"]
@@ -246,7 +246,7 @@ def test_disk_full_is_reported_without_traceback_and_the_manifest_is_final(
 
 def test_kill_while_writing_the_adapter_claims_no_adapter(project: Path, tally) -> None:
     tally()
-    code, output = qlc_run(project, QLC_FAULT="kill-in-adapter")
+    code, output = qlc_run(project, QLCTEST_FAULT="kill-in-adapter")
     assert code == 1, output[-3000:]
     run_dir = the_run_dir(project)
     half = run_dir / ".adapter.partial" / "adapter_model.safetensors"
@@ -275,34 +275,19 @@ def copy_of(finished: Path, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]
     return project, run_dir, adapter
 
 
-def test_resuming_a_finished_run_takes_no_extra_step(finished: Path, tmp_path: Path, tally
-                                                     ) -> None:  # fmt: skip
-    tally()
-    project, run_dir, adapter = copy_of(finished, tmp_path)
-    code, output = qlc_run(project, "--resume", str(run_dir))
-    assert code == 0, output[-3000:]
-    # The weights must be the finished run's; the card records timings and the config the base
-    # model's absolute path, which moved with the copied project.
-    weights = "adapter_model.safetensors"
-    adapter = {k: v for k, v in adapter.items() if k == f"adapter/{weights}"}
-    assert_resumes_to = {
-        f"adapter/{k}": v for k, v in hash_tree(run_dir / "adapter").items() if k == weights
-    }
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    assert max(e["step"] for e in logged if e.get("event") == "train") == 6
-    assert assert_resumes_to == adapter, "resuming a finished run changed its adapter"
-
-
-def test_finished_adapter_survives_a_rerun_that_dies_writing_it(
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(
     finished: Path, tmp_path: Path, tally
 ) -> None:
+    """A finished run is never rewritten: --resume on it stops before any training (even one
+    that would die writing the adapter), and every file of the run is as it was."""
     tally()
-    project, run_dir, adapter = copy_of(finished, tmp_path)
-    code, output = qlc_run(project, "--resume", str(run_dir), QLC_FAULT="kill-in-adapter")
-    assert code == 1, output[-3000:]
-    assert read_manifest(run_dir)["subject"] == []
-    now = {f"adapter/{k}": v for k, v in hash_tree(run_dir / "adapter").items()}
-    assert now == adapter, "the finished adapter was damaged by the failed rerun"
+    project, run_dir, _ = copy_of(finished, tmp_path)
+    before = hash_tree(run_dir)
+    code, output = qlc_run(project, "--resume", str(run_dir), QLCTEST_FAULT="kill-in-adapter")
+    assert code == 2, output[-3000:]
+    assert "holds a finished run (status succeeded): it is never rewritten" in output
+    assert "fix: leave out --resume to start a new run" in output
+    assert hash_tree(run_dir) == before, "the finished run was changed"
 
 
 # ---------------------------------------------------------------------------------------------

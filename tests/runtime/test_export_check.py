@@ -121,7 +121,8 @@ def test_memory_estimate_against_the_instance_gpu() -> None:
     assert memory_finding(spec, "H100").ok is True
     small = memory_finding(spec, "8GB card")
     assert small.ok is False and "is more than 8GB card's 8.0 GiB" in small.detail
-    assert memory_finding(spec, "V100").ok is None  # no size in the GPU table
+    assert memory_finding(spec, "V100").ok is True  # 16 GiB: guanaco's 10.8 fit
+    assert memory_finding(spec, "K80").ok is None  # no size in the GPU table
     assert memory_finding(spec, None).ok is None
 
 

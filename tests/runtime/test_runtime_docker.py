@@ -236,14 +236,17 @@ def test_exit_code_failure_is_reported_with_its_cause(
     project = tmp_path / "bad-data"
     spec = copy_tiny_project(project)
     data = spec.parent / "tiny" / "data.jsonl"
-    data.write_text("".join(json.dumps({"not_text": f"row {n}"}) + "\n" for n in range(64)))
+    # the first rows pass the host's quick check (it reads the first 64); line 65 is the image's
+    # to find when it reads the whole file
+    rows = "".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(64))
+    data.write_text(rows + "{not json\n")
     ran = qlc(project, "run", "specs/tiny.toml", "--base-image", tiny_image.base_image)
     assert ran.returncode == 2  # the data is the user's to fix: a user error, as in the image
-    assert "exited with status 2" in ran.stderr and "the field 'text'" in ran.stderr
+    assert "exited with status 2" in ran.stderr and "data.jsonl:65: not a JSON line" in ran.stderr
     assert "Loading" not in ran.stderr and "Traceback" not in ran.stderr
     (run_dir,) = runs_of(project)
     predicate = manifest_of(run_dir)["predicate"]
-    assert predicate["status"] == "failed" and "the field 'text'" in predicate["error"]
+    assert predicate["status"] == "failed" and ":65: not a JSON line" in predicate["error"]
     assert manifest_of(run_dir)["subject"] == []
 
 

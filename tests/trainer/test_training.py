@@ -65,7 +65,7 @@ def test_the_tiny_spec_end_to_end(tiny_run: tuple[Path, str], tiny_context: Path
     plan = Plan.model_validate_json((tiny_context / "plan.json").read_bytes())
     assert predicate["effective"] == {
         **{row.name: row.value for row in plan.settings()},
-        "eval_metric": contract.EVAL_LOSS_DEFINITION,
+        "eval_loss_definition": contract.EVAL_LOSS_DEFINITION,  # what eval_loss means, in words
     }
     assert (out / contract.PLAN_FILE).read_bytes() == (tiny_context / "plan.json").read_bytes()
     assert (out / contract.SETTINGS_FILE).read_text() == settings_text(plan)

@@ -1,14 +1,15 @@
 """Fault injection for the reliability suite, loaded into the training process via PYTHONPATH.
 
-Inert unless QLC_FAULT is set. When transformers' trainer module is imported it patches:
-  QLC_FAULT_STEP_DELAY=S         sleep S seconds in every training step (so a test can act
+Inert unless QLCTEST_FAULT is set (not a QLC_ name: the launcher hands the trainer none of
+those but its own). When transformers' trainer module is imported it patches:
+  QLCTEST_FAULT_STEP_DELAY=S         sleep S seconds in every training step (so a test can act
                                  between steps)
-  QLC_FAULT=raise-at:N           raise RuntimeError in step N (an exit-code failure)
-  QLC_FAULT=kill-in-save:N       SIGKILL itself halfway through writing checkpoint-N's
+  QLCTEST_FAULT=raise-at:N           raise RuntimeError in step N (an exit-code failure)
+  QLCTEST_FAULT=kill-in-save:N       SIGKILL itself halfway through writing checkpoint-N's
                                  optimizer.pt (a kill mid-checkpoint-write)
-  QLC_FAULT=fill-at:N            fill the output file system at step N (disk full from then on)
-  QLC_FAULT=fill-before-adapter  fill it just before the adapter is saved
-  QLC_FAULT=kill-in-adapter      SIGKILL itself halfway through writing the final adapter
+  QLCTEST_FAULT=fill-at:N            fill the output file system at step N (disk full from then on)
+  QLCTEST_FAULT=fill-before-adapter  fill it just before the adapter is saved
+  QLCTEST_FAULT=kill-in-adapter      SIGKILL itself halfway through writing the final adapter
 Nothing here runs in qlc itself; it only stands in for the outside world going wrong.
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-FAULT = os.environ.get("QLC_FAULT", "")
+FAULT = os.environ.get("QLCTEST_FAULT", "")
 ADAPTER_DIRS = ("adapter", ".adapter.partial")  # train.py saves to the second, then renames
 
 
@@ -49,7 +50,7 @@ def install(trainer_module: Any) -> None:
     import torch
 
     kind, _, arg = FAULT.partition(":")
-    delay = float(os.environ.get("QLC_FAULT_STEP_DELAY", "0"))
+    delay = float(os.environ.get("QLCTEST_FAULT_STEP_DELAY", "0"))
     out = os.environ.get("QLC_OUTPUT_DIR", ".")
     original_step = trainer_module.Trainer.training_step
 
@@ -124,5 +125,5 @@ class _TrainerHook(importlib.abc.MetaPathFinder):
         return spec
 
 
-if FAULT or os.environ.get("QLC_FAULT_STEP_DELAY"):
+if FAULT or os.environ.get("QLCTEST_FAULT_STEP_DELAY"):
     sys.meta_path.insert(0, _TrainerHook())
