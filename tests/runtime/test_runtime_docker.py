@@ -19,6 +19,7 @@ import pytest
 from runtime_fakes import copy_tiny_project, tiny_inputs
 
 from qlc.runtime.docker_engine import ContainerRequest, DockerEngine
+from qlc.runtime.inputs import HEAD_ROWS
 from qlc.runtime.records import BuildRecord, last_build
 from qlc.runtime.run import container_request, container_user
 
@@ -236,17 +237,18 @@ def test_exit_code_failure_is_reported_with_its_cause(
     project = tmp_path / "bad-data"
     spec = copy_tiny_project(project)
     data = spec.parent / "tiny" / "data.jsonl"
-    # the first rows pass the host's quick check (it reads the first 64); line 65 is the image's
-    # to find when it reads the whole file
-    rows = "".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(64))
+    # the first rows pass the host's quick check (it reads the first HEAD_ROWS); the line after
+    # them is the image's to find when it reads the whole file
+    rows = "".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(HEAD_ROWS))
     data.write_text(rows + "{not json\n")
     ran = qlc(project, "run", "specs/tiny.toml", "--base-image", tiny_image.base_image)
     assert ran.returncode == 2  # the data is the user's to fix: a user error, as in the image
-    assert "exited with status 2" in ran.stderr and "data.jsonl:65: not a JSON line" in ran.stderr
+    bad_line = f"data.jsonl:{HEAD_ROWS + 1}: not a JSON line"
+    assert "exited with status 2" in ran.stderr and bad_line in ran.stderr
     assert "Loading" not in ran.stderr and "Traceback" not in ran.stderr
     (run_dir,) = runs_of(project)
     predicate = manifest_of(run_dir)["predicate"]
-    assert predicate["status"] == "failed" and ":65: not a JSON line" in predicate["error"]
+    assert predicate["status"] == "failed" and bad_line.split("data.jsonl")[1] in predicate["error"]
     assert manifest_of(run_dir)["subject"] == []
 
 
