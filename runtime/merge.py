@@ -106,6 +106,14 @@ def max_abs_diff(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def move_into_place(staging: Path, output_dir: Path) -> None:
+    """The finished staging folder becomes output_dir (an empty one, as prepare_output
+    allowed, is replaced)."""
+    if output_dir.exists():
+        output_dir.rmdir()
+    os.replace(staging, output_dir)
+
+
 def prepare_output(output_dir: Path) -> Path:
     """A new staging directory beside output_dir, once output_dir is free to take; a
     RunInputError naming the path and the fix when it is not (taken, or not writable)."""
@@ -190,9 +198,7 @@ def merge(
         )
         text = json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"
         (staging / RECORD).write_text(text, encoding="utf-8")
-        if Path(output_dir).exists():
-            Path(output_dir).rmdir()  # empty, checked above
-        os.replace(staging, Path(output_dir))
+        move_into_place(staging, Path(output_dir))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

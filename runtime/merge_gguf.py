@@ -12,7 +12,6 @@ left out) renamed into place: a failure at any step leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -31,7 +30,7 @@ from qlc.runtime.generate import (
 )
 from qlc.runtime.gguf_tools import LLAMA_CPP_PYTHON, QUANTS, SDIST_SHA256, Quant, make_gguf
 from qlc.runtime.gguf_verify import GgufCheck, verify_gguf
-from qlc.runtime.merge import FALLBACK_PROMPTS, held_out_prompts, merge
+from qlc.runtime.merge import FALLBACK_PROMPTS, held_out_prompts, merge, move_into_place
 from qlc.runtime.modelfile import (
     check_template,
     derive_template,
@@ -142,9 +141,7 @@ def merge_gguf(
         record = gguf_record(merged, chosen, gguf, log, check, modelfile)
         record["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         (staging / RECORD).write_bytes(json_bytes(record))
-        if Path(output_dir).exists():
-            Path(output_dir).rmdir()  # empty, checked above
-        os.replace(staging, Path(output_dir))
+        move_into_place(staging, Path(output_dir))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
